@@ -1,0 +1,119 @@
+"""Independent float64 brute-force oracles: per sequence, per token, per head loops, no shared code
+with the references (no packing helpers, no masks, no sorting tricks)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sequences(x, cu_seqlens):
+    """List of per-sequence float64 tensors (L, H, D)."""
+    if cu_seqlens is None:
+        return [x[b].double() for b in range(x.shape[0])]
+    cu = cu_seqlens.tolist()
+    return [x[cu[i]:cu[i + 1]].double() for i in range(len(cu) - 1)]
+
+
+def chunks_of(length, chunk_size):
+    return [(s, min(s + chunk_size, length)) for s in range(0, length, chunk_size)]
+
+
+def chunk_mean(x, chunk_size, cu_seqlens=None, max_seqlen=None):
+    seqs = sequences(x, cu_seqlens)
+    n_max = x.shape[1] if cu_seqlens is None else max_seqlen
+    m = math.ceil(n_max / chunk_size)
+    out = torch.zeros(len(seqs), m, *x.shape[-2:], dtype=torch.float64)
+    for s, xs in enumerate(seqs):
+        for i, (a, b) in enumerate(chunks_of(xs.shape[0], chunk_size)):
+            total = torch.zeros(x.shape[-2:], dtype=torch.float64)
+            for t in range(a, b):
+                total += xs[t]
+            out[s, i] = total / (b - a)
+    return out
+
+
+def chunk_route(x, query, chunk_size, cu_seqlens=None, max_seqlen=None, scale=None):
+    means = chunk_mean(x, chunk_size, cu_seqlens, max_seqlen)
+    seqs = sequences(x, cu_seqlens)
+    h, d = x.shape[-2:]
+    scale = d ** -0.5 if scale is None else scale
+    m = means.shape[1]
+    weights = torch.zeros(len(seqs), h, m, dtype=torch.float64)
+    summary = torch.zeros(len(seqs), h, d, dtype=torch.float64)
+    ys = []
+    for s, xs in enumerate(seqs):
+        spans = chunks_of(xs.shape[0], chunk_size)
+        y = torch.zeros_like(xs)
+        for head in range(h):
+            qv = (query if query.dim() == 2 else query[s])[head].double()
+            scores = [scale * float(torch.dot(qv, means[s, i, head])) for i in range(len(spans))]
+            if scores:
+                top = max(scores)
+                exps = [math.exp(v - top) for v in scores]
+                for i, (a, b) in enumerate(spans):
+                    w = exps[i] / sum(exps)
+                    weights[s, head, i] = w
+                    summary[s, head] += w * means[s, i, head]
+                    for t in range(a, b):
+                        y[t, head] = w * xs[t, head]
+        ys.append(y)
+    y = torch.stack(ys) if cu_seqlens is None else torch.cat(ys) if ys else torch.zeros(0, h, d).double()
+    return y, weights, summary
+
+
+def route_chunks(q, k, chunk_size, top_k, causal=True, cu_seqlens=None):
+    qs, ks = sequences(q, cu_seqlens), sequences(k, cu_seqlens)
+    hq, hkv = q.shape[-2], k.shape[-2]
+    outs = []
+    for qq, kk in zip(qs, ks):
+        spans = chunks_of(qq.shape[0], chunk_size)
+        means = [kk[a:b].mean(0) for a, b in spans]
+        out = torch.full((qq.shape[0], hq, top_k), -1, dtype=torch.int64)
+        for t in range(qq.shape[0]):
+            own = t // chunk_size
+            for h in range(hq):
+                kv = h // (hq // hkv)
+                cands = []
+                for i, (a, b) in enumerate(spans):
+                    if i == own or (causal and b > t):
+                        continue
+                    cands.append((-float(torch.dot(qq[t, h], means[i][kv])), i))  # sort: best gate, then index
+                chosen = sorted([own] + [i for _, i in sorted(cands)[: top_k - 1]])
+                out[t, h, : len(chosen)] = torch.tensor(chosen)
+        outs.append(out)
+    if cu_seqlens is None:
+        return torch.stack(outs)
+    return torch.cat(outs) if outs else torch.zeros(0, hq, top_k, dtype=torch.int64)
+
+
+def routed_attention(q, k, v, chunk_size, top_k, causal=True, cu_seqlens=None, scale=None):
+    idx = route_chunks(q, k, chunk_size, top_k, causal, cu_seqlens)
+    qs, ks, vs = sequences(q, cu_seqlens), sequences(k, cu_seqlens), sequences(v, cu_seqlens)
+    idx_seqs = sequences(idx, cu_seqlens)
+    hq, hkv = q.shape[-2], k.shape[-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    outs, lses = [], []
+    for qq, kk, vv, sel in zip(qs, ks, vs, idx_seqs):
+        o = torch.zeros(qq.shape[0], hq, v.shape[-1], dtype=torch.float64)
+        lse = torch.zeros(qq.shape[0], hq, dtype=torch.float64)
+        for t in range(qq.shape[0]):
+            for h in range(hq):
+                kv = h // (hq // hkv)
+                chosen = {int(c) for c in sel[t, h] if c >= 0}
+                keys = [j for j in range(kk.shape[0]) if j // chunk_size in chosen and (not causal or j <= t)]
+                scores = torch.tensor([scale * float(torch.dot(qq[t, h], kk[j, kv])) for j in keys],
+                                      dtype=torch.float64)
+                top = scores.max()
+                p = torch.exp(scores - top)
+                lse[t, h] = top + torch.log(p.sum())
+                p = p / p.sum()
+                for w, j in zip(p, keys):
+                    o[t, h] += w * vv[j, kv]
+        outs.append(o)
+        lses.append(lse)
+    if cu_seqlens is None:
+        return torch.stack(outs), torch.stack(lses)
+    if not outs:
+        return torch.zeros(0, hq, v.shape[-1]).double(), torch.zeros(0, hq).double()
+    return torch.cat(outs), torch.cat(lses)

@@ -1,0 +1,184 @@
+"""Public functions. Each validates, fills in ``max_seqlen`` and calls ``torch.ops.routing_kernels.<op>``.
+
+``backend``: None picks the fastest implementation available for the tensors' device; "reference" runs
+the eager PyTorch reference (autograd by PyTorch itself); "cpu", "cuda", "triton" ask for that kernel
+and raise ValueError when it is not available for the op, device or shape.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import ops as _ops  # noqa: F401  (registers the ops)
+from ._backend import check_backend, use_backend
+from ._validation import check_cu_seqlens_values, is_compiling, resolve_max_seqlen
+from .ops.chunk_mean.op import check_args as _check_chunk_mean
+from .ops.chunk_mean.reference import chunk_mean_ref
+from .ops.chunk_route.op import check_args as _check_chunk_route
+from .ops.chunk_route.reference import chunk_route_ref
+from .ops.route_chunks.op import check_args as _check_route_chunks
+from .ops.route_chunks.reference import route_chunks_ref
+from .ops.routed_attention.op import check_args as _check_routed_attention
+from .ops.routed_attention.reference import routed_attention_ref
+
+
+class ChunkRouteOutput(NamedTuple):
+    y: Tensor  # like x: every token scaled by its chunk's weight
+    weights: Tensor  # (B|S, H, M) fp32 (fp64 for fp64 x): softmax over each sequence's chunks
+    summary: Tensor  # (B|S, H, D) like x: sum_i w_i * mean_i
+
+
+def _prepare(x: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: Optional[int], backend: Optional[str]):
+    check_backend(backend)
+    max_seqlen = resolve_max_seqlen(cu_seqlens, max_seqlen)
+    if isinstance(cu_seqlens, Tensor) and isinstance(x, Tensor) and not is_compiling():
+        check_cu_seqlens_values(cu_seqlens, max_seqlen, x.shape[0])
+    return max_seqlen
+
+
+def _run(backend: Optional[str], op, *args, **kwargs):
+    if backend is None:
+        return op(*args, **kwargs)
+    with use_backend(backend):
+        return op(*args, **kwargs)
+
+
+def chunk_mean(x: Tensor, chunk_size: int, *, cu_seqlens: Optional[Tensor] = None,
+               max_seqlen: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
+    """Mean of x over each chunk of ``chunk_size`` consecutive tokens of every sequence.
+
+    Args:
+        x: (B, N, H, D), or packed (T, H, D) with ``cu_seqlens``; fp16 / bf16 / fp32 (fp64 on CPU).
+        chunk_size: tokens per chunk, >= 1. Chunk i covers [i*chunk_size, min((i+1)*chunk_size, L)).
+        cu_seqlens: optional int32 (S+1,) sequence offsets into T: starts at 0, non-decreasing, ends at T.
+        max_seqlen: longest sequence length; computed from cu_seqlens when None (a device sync).
+        backend: None, "reference", "cpu" or "cuda" (see module docstring).
+    Returns:
+        (B, M, H, D) with M = ceil(N / chunk_size), or (S, M_max, H, D) for varlen with zeros where a
+        sequence has no such chunk; x's dtype, accumulated in fp32 (fp64 for fp64).
+    Raises:
+        ValueError / TypeError naming the argument: wrong rank or dtype, chunk_size < 1, malformed
+        cu_seqlens, unavailable backend.
+    Example:
+        >>> x = torch.randn(2, 100, 4, 64)
+        >>> chunk_mean(x, 32).shape
+        torch.Size([2, 4, 4, 64])
+        >>> cu = torch.tensor([0, 70, 70, 130], dtype=torch.int32)  # 3 sequences, the 2nd empty
+        >>> chunk_mean(torch.randn(130, 4, 64), 32, cu_seqlens=cu).shape
+        torch.Size([3, 3, 4, 64])
+    """
+    max_seqlen = _prepare(x, cu_seqlens, max_seqlen, backend)
+    if backend == "reference":
+        _check_chunk_mean(x, chunk_size, cu_seqlens, max_seqlen)
+        return chunk_mean_ref(x, chunk_size, cu_seqlens, max_seqlen)
+    return _run(backend, torch.ops.routing_kernels.chunk_mean, x, chunk_size, cu_seqlens=cu_seqlens,
+                max_seqlen=max_seqlen)
+
+
+def chunk_route(x: Tensor, query: Tensor, chunk_size: int, *, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None, scale: Optional[float] = None,
+                backend: Optional[str] = None) -> ChunkRouteOutput:
+    """Classic chunk routing: score each chunk's mean against a query, softmax, weight the chunks.
+
+    Per sequence and head: ``s_i = scale * <query, mean_i>``, ``w = softmax_i(s)`` over that sequence's
+    chunks, ``y_t = w_{chunk(t)} * x_t``, ``summary = sum_i w_i * mean_i``. Gradients flow to x and query.
+
+    Args:
+        x: (B, N, H, D), or packed (T, H, D) with ``cu_seqlens``; fp16 / bf16 / fp32 (fp64 on CPU).
+        query: (H, D) shared by all sequences, or (B, H, D) / (S, H, D) per sequence; x's dtype.
+        chunk_size: tokens per chunk, >= 1.
+        cu_seqlens, max_seqlen: varlen layout, as in :func:`chunk_mean`.
+        scale: score scale, default D ** -0.5.
+        backend: None or "reference" (kernels land with the chunk_route issue).
+    Returns:
+        ChunkRouteOutput(y like x, weights (B|S, H, M) fp32 (fp64 for fp64 x; 0 beyond a sequence's
+        chunks, all 0 for an empty sequence), summary (B|S, H, D) in x's dtype).
+    Raises:
+        ValueError / TypeError naming the argument (shapes, dtypes, devices, chunk_size, cu_seqlens).
+    Example:
+        >>> x, q = torch.randn(2, 100, 4, 64), torch.randn(4, 64)
+        >>> y, w, summary = chunk_route(x, q, 32)          # w: (2, 4, 4)
+        >>> cu = torch.tensor([0, 70, 130], dtype=torch.int32)
+        >>> out = chunk_route(torch.randn(130, 4, 64), torch.randn(2, 4, 64), 32, cu_seqlens=cu)
+    """
+    max_seqlen = _prepare(x, cu_seqlens, max_seqlen, backend)
+    if backend == "reference":
+        _check_chunk_route(x, query, chunk_size, cu_seqlens, max_seqlen, scale)
+        return ChunkRouteOutput(*chunk_route_ref(x, query, chunk_size, cu_seqlens, max_seqlen, scale))
+    return ChunkRouteOutput(*_run(backend, torch.ops.routing_kernels.chunk_route, x, query, chunk_size,
+                                  cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale))
+
+
+def route_chunks(q: Tensor, k: Tensor, chunk_size: int, top_k: int, *, causal: bool = True,
+                 cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
+                 backend: Optional[str] = None) -> Tensor:
+    """MoBA gate: the chunks each query token attends to (its own chunk plus the top_k - 1 best).
+
+    Gate ``g_i = <q_t, mean of k over chunk i>`` (fp32, unscaled) against the chunk means of the token's
+    kv head ``h // (Hq // Hkv)``. Eligible chunks besides the own one: those ending before t when causal
+    ((i+1)*chunk_size <= t), every other chunk when not. Ties go to the lower index.
+
+    Args:
+        q: (B, N, Hq, D) or packed (T, Hq, D); k: (B, N, Hkv, D) or (T, Hkv, D), Hq a multiple of Hkv.
+        chunk_size: >= 1.  top_k: chunks per token including the own one, >= 1 (may exceed M).
+        causal: restrict to past chunks (default True).
+        cu_seqlens, max_seqlen: varlen layout, as in :func:`chunk_mean`.
+        backend: None or "reference".
+    Returns:
+        int32 (B, N, Hq, top_k) / (T, Hq, top_k): chunk indices within the sequence, sorted ascending,
+        padded with -1 at the end when fewer chunks are eligible. Not differentiable.
+    Raises:
+        ValueError / TypeError naming the argument (top_k < 1, Hq not a multiple of Hkv, ...).
+    Example:
+        >>> q, k = torch.randn(1, 1000, 8, 64), torch.randn(1, 1000, 2, 64)
+        >>> route_chunks(q, k, 128, 3).shape
+        torch.Size([1, 1000, 8, 3])
+        >>> cu = torch.tensor([0, 600, 1000], dtype=torch.int32)
+        >>> route_chunks(q[0], k[0], 128, 3, cu_seqlens=cu).shape
+        torch.Size([1000, 8, 3])
+    """
+    max_seqlen = _prepare(q, cu_seqlens, max_seqlen, backend)
+    if backend == "reference":
+        _check_route_chunks(q, k, chunk_size, top_k, cu_seqlens, max_seqlen)
+        return route_chunks_ref(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
+    return _run(backend, torch.ops.routing_kernels.route_chunks, q, k, chunk_size, top_k, causal=causal,
+                cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+
+
+def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: int, *, causal: bool = True,
+                     cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
+                     scale: Optional[float] = None, return_lse: bool = False, backend: Optional[str] = None):
+    """Block-sparse attention over each query's top_k chunks (MoBA semantics).
+
+    Exact softmax attention of q_t over the keys of the chunks :func:`route_chunks` selects for (t, h),
+    restricted to keys at positions <= t when causal. GQA without replicating k/v. With top_k >= M it
+    equals dense attention. Gradients flow to q, k and v through the attention, not the selection.
+
+    Args:
+        q: (B, N, Hq, D) or packed (T, Hq, D).  k: (.., Hkv, D).  v: (.., Hkv, Dv). Same dtype and device.
+        chunk_size, top_k, causal: as in :func:`route_chunks`.
+        cu_seqlens, max_seqlen: varlen layout, as in :func:`chunk_mean`.
+        scale: softmax scale, default D ** -0.5.
+        return_lse: also return the log-sum-exp of the scaled scores, (B, N, Hq) / (T, Hq) fp32.
+        backend: None or "reference".
+    Returns:
+        o (.., Hq, Dv) in q's dtype, or (o, lse) when return_lse.
+    Raises:
+        ValueError / TypeError naming the argument.
+    Example:
+        >>> q, k, v = torch.randn(1, 1000, 8, 64), torch.randn(1, 1000, 2, 64), torch.randn(1, 1000, 2, 64)
+        >>> routed_attention(q, k, v, 128, 3).shape
+        torch.Size([1, 1000, 8, 64])
+        >>> cu = torch.tensor([0, 600, 1000], dtype=torch.int32)
+        >>> o, lse = routed_attention(q[0], k[0], v[0], 128, 3, cu_seqlens=cu, return_lse=True)
+    """
+    max_seqlen = _prepare(q, cu_seqlens, max_seqlen, backend)
+    if backend == "reference":
+        _check_routed_attention(q, k, v, chunk_size, top_k, cu_seqlens, max_seqlen, scale)
+        o, lse = routed_attention_ref(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale)
+    else:
+        o, lse = _run(backend, torch.ops.routing_kernels.routed_attention, q, k, v, chunk_size, top_k,
+                      causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
+    return (o, lse) if return_lse else o

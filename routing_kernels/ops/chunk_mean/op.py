@@ -1,0 +1,76 @@
+"""torch.library registration of ``routing_kernels::chunk_mean``: schema, fake kernel, autograd, dispatch."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ... import _backend, _ext
+from ..._layout import ceil_div
+from ..._validation import check_cu_seqlens_shape, check_cu_seqlens_values, check_int, check_tensor
+from .reference import chunk_mean_backward_ref, chunk_mean_ref
+
+
+def check_args(x, chunk_size, cu_seqlens, max_seqlen) -> None:
+    check_tensor("x", x, varlen=cu_seqlens is not None)
+    check_int("chunk_size", chunk_size, 1)
+    check_cu_seqlens_shape(cu_seqlens, max_seqlen, x)
+
+
+def out_shape(x: Tensor, chunk_size: int, cu_seqlens: Optional[Tensor], max_seqlen: Optional[int]):
+    if cu_seqlens is None:
+        return (x.shape[0], ceil_div(x.shape[1], chunk_size), *x.shape[2:])
+    return (cu_seqlens.shape[0] - 1, ceil_div(max_seqlen, chunk_size), *x.shape[1:])
+
+
+def _backend_for(x: Tensor) -> str:
+    device = x.device.type
+    available = {"cpu": device == "cpu" and _ext.has_kernel("chunk_mean_fwd", "cpu"),
+                 "cuda": device == "cuda" and _ext.has_kernel("chunk_mean_fwd", "cuda")}
+    return _backend.select("chunk_mean", device, _backend.requested_backend(), available, ("cuda", "cpu"))
+
+
+@torch.library.custom_op("routing_kernels::chunk_mean", mutates_args=())
+def chunk_mean(x: Tensor, chunk_size: int, cu_seqlens: Optional[Tensor] = None,
+               max_seqlen: Optional[int] = None) -> Tensor:
+    check_args(x, chunk_size, cu_seqlens, max_seqlen)
+    if x.device.type == "cpu":
+        check_cu_seqlens_values(cu_seqlens, max_seqlen, x.shape[0])
+    backend = _backend_for(x)
+    if backend in ("cpu", "cuda"):
+        n = max_seqlen if cu_seqlens is not None else x.shape[1]
+        return torch.ops.routing_kernels.chunk_mean_fwd(x, chunk_size, cu_seqlens, n)
+    return chunk_mean_ref(x, chunk_size, cu_seqlens, max_seqlen)
+
+
+@chunk_mean.register_fake
+def _(x, chunk_size, cu_seqlens=None, max_seqlen=None):
+    check_args(x, chunk_size, cu_seqlens, max_seqlen)
+    return x.new_empty(out_shape(x, chunk_size, cu_seqlens, max_seqlen))
+
+
+@torch.library.custom_op("routing_kernels::chunk_mean_backward", mutates_args=())
+def chunk_mean_backward(grad_mean: Tensor, x: Tensor, chunk_size: int, cu_seqlens: Optional[Tensor],
+                        max_seqlen: Optional[int]) -> Tensor:
+    return chunk_mean_backward_ref(grad_mean, x, chunk_size, cu_seqlens, max_seqlen)
+
+
+@chunk_mean_backward.register_fake
+def _(grad_mean, x, chunk_size, cu_seqlens, max_seqlen):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, chunk_size, cu_seqlens, max_seqlen = inputs
+    ctx.save_for_backward(x, cu_seqlens)
+    ctx.chunk_size, ctx.max_seqlen = chunk_size, max_seqlen
+
+
+def _backward(ctx, grad_mean):
+    x, cu_seqlens = ctx.saved_tensors
+    dx = torch.ops.routing_kernels.chunk_mean_backward(grad_mean, x, ctx.chunk_size, cu_seqlens, ctx.max_seqlen)
+    return dx, None, None, None
+
+
+chunk_mean.register_autograd(_backward, setup_context=_setup_context)
