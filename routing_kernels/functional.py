@@ -30,10 +30,13 @@ class ChunkRouteOutput(NamedTuple):
     summary: Tensor  # (B|S, H, D) like x: sum_i w_i * mean_i
 
 
-def _prepare(x: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: Optional[int], backend: Optional[str]):
+def _prepare(check, x: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: Optional[int],
+             backend: Optional[str], *args, **kwargs) -> Optional[int]:
+    """Validate everything (metadata, then cu_seqlens values when eager) and fill in max_seqlen."""
     check_backend(backend)
     max_seqlen = resolve_max_seqlen(cu_seqlens, max_seqlen)
-    if isinstance(cu_seqlens, Tensor) and isinstance(x, Tensor) and not is_compiling():
+    check(*args, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **kwargs)
+    if cu_seqlens is not None and not is_compiling():
         check_cu_seqlens_values(cu_seqlens, max_seqlen, x.shape[0])
     return max_seqlen
 
@@ -69,9 +72,8 @@ def chunk_mean(x: Tensor, chunk_size: int, *, cu_seqlens: Optional[Tensor] = Non
         >>> chunk_mean(torch.randn(130, 4, 64), 32, cu_seqlens=cu).shape
         torch.Size([3, 3, 4, 64])
     """
-    max_seqlen = _prepare(x, cu_seqlens, max_seqlen, backend)
+    max_seqlen = _prepare(_check_chunk_mean, x, cu_seqlens, max_seqlen, backend, x, chunk_size)
     if backend == "reference":
-        _check_chunk_mean(x, chunk_size, cu_seqlens, max_seqlen)
         return chunk_mean_ref(x, chunk_size, cu_seqlens, max_seqlen)
     return _run(backend, torch.ops.routing_kernels.chunk_mean, x, chunk_size, cu_seqlens=cu_seqlens,
                 max_seqlen=max_seqlen)
@@ -103,9 +105,9 @@ def chunk_route(x: Tensor, query: Tensor, chunk_size: int, *, cu_seqlens: Option
         >>> cu = torch.tensor([0, 70, 130], dtype=torch.int32)
         >>> out = chunk_route(torch.randn(130, 4, 64), torch.randn(2, 4, 64), 32, cu_seqlens=cu)
     """
-    max_seqlen = _prepare(x, cu_seqlens, max_seqlen, backend)
+    max_seqlen = _prepare(_check_chunk_route, x, cu_seqlens, max_seqlen, backend, x, query, chunk_size,
+                          scale=scale)
     if backend == "reference":
-        _check_chunk_route(x, query, chunk_size, cu_seqlens, max_seqlen, scale)
         return ChunkRouteOutput(*chunk_route_ref(x, query, chunk_size, cu_seqlens, max_seqlen, scale))
     return ChunkRouteOutput(*_run(backend, torch.ops.routing_kernels.chunk_route, x, query, chunk_size,
                                   cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale))
@@ -139,9 +141,8 @@ def route_chunks(q: Tensor, k: Tensor, chunk_size: int, top_k: int, *, causal: b
         >>> route_chunks(q[0], k[0], 128, 3, cu_seqlens=cu).shape
         torch.Size([1000, 8, 3])
     """
-    max_seqlen = _prepare(q, cu_seqlens, max_seqlen, backend)
+    max_seqlen = _prepare(_check_route_chunks, q, cu_seqlens, max_seqlen, backend, q, k, chunk_size, top_k)
     if backend == "reference":
-        _check_route_chunks(q, k, chunk_size, top_k, cu_seqlens, max_seqlen)
         return route_chunks_ref(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
     return _run(backend, torch.ops.routing_kernels.route_chunks, q, k, chunk_size, top_k, causal=causal,
                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
@@ -174,9 +175,9 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: in
         >>> cu = torch.tensor([0, 600, 1000], dtype=torch.int32)
         >>> o, lse = routed_attention(q[0], k[0], v[0], 128, 3, cu_seqlens=cu, return_lse=True)
     """
-    max_seqlen = _prepare(q, cu_seqlens, max_seqlen, backend)
+    max_seqlen = _prepare(_check_routed_attention, q, cu_seqlens, max_seqlen, backend, q, k, v, chunk_size, top_k,
+                          scale=scale)
     if backend == "reference":
-        _check_routed_attention(q, k, v, chunk_size, top_k, cu_seqlens, max_seqlen, scale)
         o, lse = routed_attention_ref(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale)
     else:
         o, lse = _run(backend, torch.ops.routing_kernels.routed_attention, q, k, v, chunk_size, top_k,
