@@ -115,8 +115,10 @@ def test_op_positional_defaults():
 
 def test_unavailable_backend_is_a_clear_error():
     x = torch.randn(1, 8, 2, 4)
-    with pytest.raises(ValueError, match="backend='triton' is not available for chunk_mean"):
-        rk.chunk_mean(x, 4, backend="triton")
+    with pytest.raises(ValueError, match="backend='cuda' is not available for chunk_mean on cpu"):
+        rk.chunk_mean(x, 4, backend="cuda")
+    with pytest.raises(ValueError, match="backend='cpu' is not available for routed_attention"):
+        rk.routed_attention(x, x, x, 4, 2, backend="cpu")
     with pytest.raises(ValueError, match="backend must be None or one of"):
         rk.chunk_mean(x, 4, backend="fast")
 

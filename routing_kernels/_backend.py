@@ -35,12 +35,15 @@ def use_backend(backend: Optional[str]):
         _state.backend = previous
 
 
-def select(op: str, device_type: str, requested: Optional[str], available: dict[str, bool],
-           preference: tuple[str, ...]) -> str:
+# Tried in this order when the caller asks for nothing; "reference" is always the last resort. Triton is
+# never picked by itself on CPU: there it only runs in the (slow, debugging) interpreter.
+PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+
+
+def select(op: str, device_type: str, requested: Optional[str], available: dict[str, bool]) -> str:
     """Pick the backend for ``op`` on ``device_type``.
 
-    available: backend name -> whether it can run this call (built, right device, supported shape).
-    preference: the order tried when nothing was requested ("reference" is always last resort).
+    available: backend name -> whether it can run this call (built, right device, supported dtype/shape).
     """
     if requested is not None:
         if requested == "reference" or available.get(requested, False):
@@ -48,7 +51,7 @@ def select(op: str, device_type: str, requested: Optional[str], available: dict[
         raise ValueError(
             f"backend={requested!r} is not available for {op} on {device_type} tensors"
             f" (available: {[b for b, ok in available.items() if ok] + ['reference']})")
-    for name in preference:
+    for name in PREFERENCE.get(device_type, ()):
         if available.get(name, False):
             return name
     return "reference"

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import _backend, _ext
+from ... import _backend, _ext, _triton
 from ..._layout import ceil_div
 from ..._validation import check_cu_seqlens_shape, check_cu_seqlens_values, check_int, check_tensor
 from .reference import chunk_mean_backward_ref, chunk_mean_ref
@@ -24,11 +24,12 @@ def out_shape(x: Tensor, chunk_size: int, cu_seqlens: Optional[Tensor], max_seql
     return (cu_seqlens.shape[0] - 1, ceil_div(max_seqlen, chunk_size), *x.shape[1:])
 
 
-def _backend_for(x: Tensor) -> str:
+def backend_for(x: Tensor) -> str:
     device = x.device.type
     available = {"cpu": device == "cpu" and _ext.has_kernel("chunk_mean_fwd", "cpu"),
-                 "cuda": device == "cuda" and _ext.has_kernel("chunk_mean_fwd", "cuda")}
-    return _backend.select("chunk_mean", device, _backend.requested_backend(), available, ("cuda", "cpu"))
+                 "cuda": device == "cuda" and _ext.has_kernel("chunk_mean_fwd", "cuda"),
+                 "triton": _triton.can_run(device) and x.dtype != torch.float64}
+    return _backend.select("chunk_mean", device, _backend.requested_backend(), available)
 
 
 @torch.library.custom_op("routing_kernels::chunk_mean", mutates_args=())
@@ -37,10 +38,13 @@ def chunk_mean(x: Tensor, chunk_size: int, cu_seqlens: Optional[Tensor] = None,
     check_args(x, chunk_size, cu_seqlens, max_seqlen)
     if x.device.type == "cpu":
         check_cu_seqlens_values(cu_seqlens, max_seqlen, x.shape[0])
-    backend = _backend_for(x)
+    backend = backend_for(x)
     if backend in ("cpu", "cuda"):
         n = max_seqlen if cu_seqlens is not None else x.shape[1]
         return torch.ops.routing_kernels.chunk_mean_fwd(x, chunk_size, cu_seqlens, n)
+    if backend == "triton":
+        from .triton import chunk_mean_fwd
+        return chunk_mean_fwd(x, chunk_size, cu_seqlens, max_seqlen)[0].to(x.dtype)
     return chunk_mean_ref(x, chunk_size, cu_seqlens, max_seqlen)
 
 
@@ -52,12 +56,15 @@ def _(x, chunk_size, cu_seqlens=None, max_seqlen=None):
 
 @torch.library.custom_op("routing_kernels::chunk_mean_backward", mutates_args=())
 def chunk_mean_backward(grad_mean: Tensor, x: Tensor, chunk_size: int, cu_seqlens: Optional[Tensor],
-                        max_seqlen: Optional[int]) -> Tensor:
+                        max_seqlen: Optional[int], backend: str = "reference") -> Tensor:
+    if backend == "triton":
+        from .triton import chunk_mean_bwd
+        return chunk_mean_bwd(grad_mean, x, chunk_size, cu_seqlens, max_seqlen)
     return chunk_mean_backward_ref(grad_mean, x, chunk_size, cu_seqlens, max_seqlen)
 
 
 @chunk_mean_backward.register_fake
-def _(grad_mean, x, chunk_size, cu_seqlens, max_seqlen):
+def _(grad_mean, x, chunk_size, cu_seqlens, max_seqlen, backend="reference"):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -65,11 +72,13 @@ def _setup_context(ctx, inputs, output):
     x, chunk_size, cu_seqlens, max_seqlen = inputs
     ctx.save_for_backward(x, cu_seqlens)
     ctx.chunk_size, ctx.max_seqlen = chunk_size, max_seqlen
+    ctx.backend = "triton" if backend_for(x) == "triton" else "reference"  # C++ backwards are not written yet
 
 
 def _backward(ctx, grad_mean):
     x, cu_seqlens = ctx.saved_tensors
-    dx = torch.ops.routing_kernels.chunk_mean_backward(grad_mean, x, ctx.chunk_size, cu_seqlens, ctx.max_seqlen)
+    dx = torch.ops.routing_kernels.chunk_mean_backward(grad_mean, x, ctx.chunk_size, cu_seqlens, ctx.max_seqlen,
+                                                          ctx.backend)
     return dx, None, None, None
 
 

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ... import _backend, _triton
 from ..._validation import (check_cu_seqlens_shape, check_cu_seqlens_values, check_int, check_tensor)
 from ..chunk_mean.op import out_shape as chunk_mean_shape
 from .reference import chunk_route_backward_ref, chunk_route_ref
@@ -36,13 +37,27 @@ def weights_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def backend_for(x: Tensor) -> str:
+    device = x.device.type
+    available = {"triton": _triton.can_run(device) and x.dtype != torch.float64}
+    return _backend.select("chunk_route", device, _backend.requested_backend(), available)
+
+
+def _scale(x: Tensor, scale: Optional[float]) -> float:
+    return x.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
 @torch.library.custom_op("routing_kernels::chunk_route", mutates_args=())
 def chunk_route(x: Tensor, query: Tensor, chunk_size: int, cu_seqlens: Optional[Tensor] = None,
                 max_seqlen: Optional[int] = None, scale: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
     check_args(x, query, chunk_size, cu_seqlens, max_seqlen, scale)
     if x.device.type == "cpu":
         check_cu_seqlens_values(cu_seqlens, max_seqlen, x.shape[0])
-    y, w, summary = chunk_route_ref(x, query, chunk_size, cu_seqlens, max_seqlen, scale)
+    if backend_for(x) == "triton":
+        from .triton import chunk_route_fwd
+        y, w, summary = chunk_route_fwd(x, query, chunk_size, cu_seqlens, max_seqlen, _scale(x, scale))
+    else:
+        y, w, summary = chunk_route_ref(x, query, chunk_size, cu_seqlens, max_seqlen, scale)
     return y.contiguous(), w.contiguous(), summary.contiguous()
 
 
@@ -56,14 +71,19 @@ def _(x, query, chunk_size, cu_seqlens=None, max_seqlen=None, scale=None):
 @torch.library.custom_op("routing_kernels::chunk_route_backward", mutates_args=())
 def chunk_route_backward(dy: Tensor, dweights: Tensor, dsummary: Tensor, x: Tensor, query: Tensor,
                          weights: Tensor, chunk_size: int, cu_seqlens: Optional[Tensor], max_seqlen: Optional[int],
-                         scale: Optional[float]) -> tuple[Tensor, Tensor]:
-    dx, dq = chunk_route_backward_ref(dy, dweights, dsummary, x, query, weights, chunk_size, cu_seqlens,
-                                      max_seqlen, scale)
+                         scale: Optional[float], backend: str = "reference") -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        from .triton import chunk_route_bwd
+        dx, dq = chunk_route_bwd(dy, dweights, dsummary, x, query, weights, chunk_size, cu_seqlens, max_seqlen,
+                                 _scale(x, scale))
+    else:
+        dx, dq = chunk_route_backward_ref(dy, dweights, dsummary, x, query, weights, chunk_size, cu_seqlens,
+                                          max_seqlen, scale)
     return dx.contiguous(), dq.contiguous()
 
 
 @chunk_route_backward.register_fake
-def _(dy, dweights, dsummary, x, query, weights, chunk_size, cu_seqlens, max_seqlen, scale):
+def _(dy, dweights, dsummary, x, query, weights, chunk_size, cu_seqlens, max_seqlen, scale, backend="reference"):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(query, memory_format=torch.contiguous_format))
 
@@ -72,12 +92,14 @@ def _setup_context(ctx, inputs, output):
     x, query, chunk_size, cu_seqlens, max_seqlen, scale = inputs
     ctx.save_for_backward(x, query, output[1], cu_seqlens)
     ctx.chunk_size, ctx.max_seqlen, ctx.scale = chunk_size, max_seqlen, scale
+    ctx.backend = backend_for(x)  # the backward runs the forward's backend
 
 
 def _backward(ctx, dy, dweights, dsummary):
     x, query, weights, cu_seqlens = ctx.saved_tensors
     dx, dq = torch.ops.routing_kernels.chunk_route_backward(
-        dy, dweights, dsummary, x, query, weights, ctx.chunk_size, cu_seqlens, ctx.max_seqlen, ctx.scale)
+        dy, dweights, dsummary, x, query, weights, ctx.chunk_size, cu_seqlens, ctx.max_seqlen, ctx.scale,
+        ctx.backend)
     return dx, dq, None, None, None, None
 
 

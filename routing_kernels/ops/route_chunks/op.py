@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ... import _backend
 from ..._validation import (check_cu_seqlens_shape, check_cu_seqlens_values, check_heads, check_int,
                             check_same_tokens, check_tensor)
 from .reference import route_chunks_ref
@@ -29,12 +30,18 @@ def check_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen, v=None) -> None:
     check_cu_seqlens_shape(cu_seqlens, max_seqlen, q)
 
 
+def backend_for(q: Tensor) -> str:
+    # Only the reference exists so far; asking for a kernel backend is a clear error, not a silent fallback.
+    return _backend.select("route_chunks", q.device.type, _backend.requested_backend(), {})
+
+
 @torch.library.custom_op("routing_kernels::route_chunks", mutates_args=())
 def route_chunks(q: Tensor, k: Tensor, chunk_size: int, top_k: int, causal: bool = True,
                  cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
     check_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen)
     if q.device.type == "cpu":
         check_cu_seqlens_values(cu_seqlens, max_seqlen, q.shape[0])
+    backend_for(q)
     return route_chunks_ref(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
 
 

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ... import _backend
 from ..._validation import check_cu_seqlens_values
 from ..route_chunks.op import check_args as check_routing_args
 from .reference import routed_attention_backward_ref, routed_attention_ref
@@ -25,6 +26,11 @@ def check_args(q, k, v, chunk_size, top_k, cu_seqlens, max_seqlen, scale) -> Non
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
 
 
+def backend_for(q: Tensor) -> str:
+    # Only the reference exists so far; asking for a kernel backend is a clear error, not a silent fallback.
+    return _backend.select("routed_attention", q.device.type, _backend.requested_backend(), {})
+
+
 @torch.library.custom_op("routing_kernels::routed_attention", mutates_args=())
 def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: int, causal: bool = True,
                      cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
@@ -32,6 +38,7 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: in
     check_args(q, k, v, chunk_size, top_k, cu_seqlens, max_seqlen, scale)
     if q.device.type == "cpu":
         check_cu_seqlens_values(cu_seqlens, max_seqlen, q.shape[0])
+    backend_for(q)
     o, lse = routed_attention_ref(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale)
     return o.contiguous(), lse.contiguous()
 

@@ -1,0 +1,148 @@
+"""Triton kernels of chunk_mean, and the per-chunk passes that chunk_route builds on.
+
+Work is split one program per (sequence, chunk, head): the program streams its chunk's tokens in
+(BLOCK_T, BLOCK_D) tiles. Dense inputs are launched as varlen with cu_seqlens = arange(B+1) * N, so one
+kernel serves both layouts. All token offsets are int64 (T * H * D passes 2^31 for long inputs).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._triton import next_pow2
+
+
+@triton.jit
+def _chunk_coords(cu_seqlens, chunk_size, num_chunks, num_heads):
+    """(seq, chunk, head, first token of the chunk, tokens in the chunk) of this program."""
+    pid = tl.program_id(0).to(tl.int64)
+    i_h = pid % num_heads
+    i_c = (pid // num_heads) % num_chunks
+    i_s = pid // (num_heads * num_chunks)
+    start = tl.load(cu_seqlens + i_s).to(tl.int64)
+    length = tl.load(cu_seqlens + i_s + 1).to(tl.int64) - start
+    first = i_c * chunk_size
+    count = tl.minimum(tl.maximum(length - first, 0), chunk_size)  # 0 for chunks the sequence lacks
+    return i_s, i_c, i_h, start + first, count
+
+
+@triton.jit
+def chunk_reduce_kernel(
+    x, dy, vec, extra, means, out, cu_seqlens,
+    stride_xt, stride_xh, stride_dyt, stride_dyh, stride_vs, stride_vh,
+    chunk_size, alpha, empty_value,
+    num_chunks, num_heads, head_dim,
+    HAS_VEC: tl.constexpr, HAS_DY: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Per (seq, chunk, head): mean of x over the chunk -> means (S, M, H, D) fp32, and when HAS_VEC
+        out[s, h, c] = alpha * <vec[s, h], mean> (+ sum_t <dy_t, x_t> if HAS_DY) (+ extra[s, h, c])
+    chunk_route uses it as the forward scores (vec = query) and the backward dw (vec = dsummary).
+    Chunks a sequence lacks get mean 0 and out = empty_value."""
+    i_s, i_c, i_h, tok0, count = _chunk_coords(cu_seqlens, chunk_size, num_chunks, num_heads)
+    o_t = tl.arange(0, BLOCK_T)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < head_dim
+    b_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    b_dot = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for t0 in range(0, count, BLOCK_T):
+        tok = tok0 + t0 + o_t
+        m = ((t0 + o_t) < count)[:, None] & m_d[None, :]
+        b_x = tl.load(x + tok[:, None] * stride_xt + i_h * stride_xh + o_d[None, :], mask=m, other=0.0)
+        b_x = b_x.to(tl.float32)
+        b_sum += tl.sum(b_x, axis=0)
+        if HAS_DY:
+            b_dy = tl.load(dy + tok[:, None] * stride_dyt + i_h * stride_dyh + o_d[None, :], mask=m, other=0.0)
+            b_dot += tl.sum(b_dy.to(tl.float32) * b_x, axis=0)
+    b_mean = b_sum / tl.maximum(count, 1).to(tl.float32)
+    p_mean = means + ((i_s * num_chunks + i_c) * num_heads + i_h) * head_dim + o_d
+    tl.store(p_mean, b_mean, mask=m_d)
+    if HAS_VEC:
+        b_vec = tl.load(vec + i_s * stride_vs + i_h * stride_vh + o_d, mask=m_d, other=0.0).to(tl.float32)
+        value = alpha * tl.sum(b_vec * b_mean, axis=0)
+        if HAS_DY:
+            value += tl.sum(b_dot, axis=0)
+        p_out = (i_s * num_heads + i_h) * num_chunks + i_c
+        if HAS_EXTRA:
+            value += tl.load(extra + p_out).to(tl.float32)
+        value = tl.where(count > 0, value, empty_value)
+        tl.store(out + p_out, value)
+
+
+@triton.jit
+def chunk_mean_backward_kernel(
+    grad, dx, cu_seqlens, stride_gs, stride_gc, stride_gh, stride_xt, stride_xh, chunk_size,
+    num_chunks, num_heads, head_dim,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dx_t = grad[s, chunk(t), h] / |chunk(t)| for every token of the chunk."""
+    i_s, i_c, i_h, tok0, count = _chunk_coords(cu_seqlens, chunk_size, num_chunks, num_heads)
+    o_t = tl.arange(0, BLOCK_T)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < head_dim
+    b_g = tl.load(grad + i_s * stride_gs + i_c * stride_gc + i_h * stride_gh + o_d, mask=m_d, other=0.0)
+    b_g = b_g.to(tl.float32) / tl.maximum(count, 1).to(tl.float32)
+    b_out = tl.broadcast_to(b_g[None, :], [BLOCK_T, BLOCK_D]).to(dx.dtype.element_ty)
+    for t0 in range(0, count, BLOCK_T):
+        tok = tok0 + t0 + o_t
+        m = ((t0 + o_t) < count)[:, None] & m_d[None, :]
+        tl.store(dx + tok[:, None] * stride_xt + i_h * stride_xh + o_d[None, :], b_out, mask=m)
+
+
+def tiles(head_dim: int, chunk_size: int) -> tuple[int, int]:
+    """BLOCK_D covers the head dim (padded to a power of 2); BLOCK_T keeps a tile at ~4K elements
+    (16 KB of fp32 registers across 4 warps) and never exceeds the chunk."""
+    block_d = max(16, next_pow2(head_dim))
+    block_t = max(1, min(next_pow2(chunk_size), 4096 // block_d))
+    return block_t, block_d
+
+
+def as_packed(x: torch.Tensor, cu_seqlens, max_seqlen):
+    """(T, H, D) view with unit last stride, int32 cu_seqlens and the longest length."""
+    if cu_seqlens is None:
+        b, n = x.shape[:2]
+        cu_seqlens = torch.arange(b + 1, device=x.device, dtype=torch.int32) * n
+        max_seqlen = n
+        x = x.reshape(b * n, *x.shape[2:])
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x, cu_seqlens, max_seqlen
+
+
+def chunk_mean_fwd(x, chunk_size, cu_seqlens=None, max_seqlen=None, vec=None, alpha=1.0, dy=None, extra=None,
+                   empty_value=0.0):
+    """Launch chunk_reduce_kernel. Returns (means fp32 (S, M, H, D), out fp32 (S, H, M) or None)."""
+    xp, cu, max_seqlen = as_packed(x, cu_seqlens, max_seqlen)
+    s, (_, h, d) = cu.numel() - 1, xp.shape
+    m = -(-max_seqlen // chunk_size)
+    means = torch.empty(s, m, h, d, device=x.device, dtype=torch.float32)
+    out = torch.empty(s, h, m, device=x.device, dtype=torch.float32) if vec is not None else None
+    if dy is not None:
+        dy, _, _ = as_packed(dy, cu_seqlens, max_seqlen)
+    if s * m * h == 0:
+        return means, out
+    block_t, block_d = tiles(d, chunk_size)
+    vs = vec if vec is not None else means
+    chunk_reduce_kernel[(s * m * h,)](
+        xp, dy if dy is not None else xp, vs, extra if extra is not None else means, means,
+        out if out is not None else means, cu,
+        xp.stride(0), xp.stride(1), *(dy.stride()[:2] if dy is not None else (0, 0)),
+        *((vs.stride(0), vs.stride(1)) if vec is not None else (0, 0)),
+        chunk_size, alpha, empty_value, m, h, d, HAS_VEC=vec is not None, HAS_DY=dy is not None,
+        HAS_EXTRA=extra is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+    return means, out
+
+
+def chunk_mean_bwd(grad, x, chunk_size, cu_seqlens=None, max_seqlen=None):
+    xp, cu, max_seqlen = as_packed(x, cu_seqlens, max_seqlen)
+    dx = torch.empty(xp.shape, device=x.device, dtype=x.dtype)
+    s, m, h, d = grad.shape
+    if s * m * h and dx.numel():
+        block_t, block_d = tiles(d, chunk_size)
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        chunk_mean_backward_kernel[(s * m * h,)](
+            grad, dx, cu, grad.stride(0), grad.stride(1), grad.stride(2), dx.stride(0), dx.stride(1), chunk_size, m, h, d,
+            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+    return dx.reshape(x.shape)
