@@ -1,0 +1,259 @@
+// CPU kernels of routing_kernels::chunk_route_fwd / chunk_route_bwd (contract in include/routing_kernels/chunk_route.h).
+//
+// Each direction makes two passes over the token data, parallel over (sequence, chunk) work items, with a cheap
+// per-(sequence, head) softmax step between them that touches only the (S, M, H, D) chunk means:
+//   forward : [sum x -> means, scores]  [softmax, summary]  [y = w * x]
+//   backward: [sum x, <dy, x> -> means, dw]  [ds, dquery]  [dx = w * dy + per-chunk row]
+// A token's H * D values are contiguous, so the inner loops run over flat rows; they are plain loops that GCC
+// vectorizes at -O3 (see chunk_mean.cpp for why not at::vec). Nothing the size of x is allocated besides outputs.
+#include <routing_kernels/chunk_route.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace routing_kernels {
+namespace {
+
+constexpr int64_t GRAIN_VALUES = 32768;  // token values per parallel task
+
+// Where the tokens of one (sequence, chunk) item live.
+struct ChunkSpan {
+  int64_t first;  // first token
+  int64_t count;  // tokens in the chunk, <= 0 when the sequence has no such chunk
+};
+
+struct Layout {
+  ChunkMeanShape shape;
+  const int32_t* cu;  // nullptr for dense
+  int64_t chunk_size;
+
+  ChunkSpan span(int64_t item) const {
+    const int64_t i_s = item / shape.num_chunks, i_c = item % shape.num_chunks;
+    const int64_t bos = cu ? int64_t{cu[i_s]} : i_s * shape.seqlen;
+    const int64_t len = cu ? int64_t{cu[i_s + 1]} - bos : shape.seqlen;
+    return {bos + i_c * chunk_size, std::min(chunk_size, len - i_c * chunk_size)};
+  }
+  int64_t row() const { return shape.num_heads * shape.head_dim; }
+  int64_t grain() const { return std::max<int64_t>(1, GRAIN_VALUES / std::max<int64_t>(1, chunk_size * row())); }
+};
+
+// Pass 1 of both directions, per (sequence, chunk): the chunk mean of x (into means, (S*M, H*D)) and, per head,
+//   out[s, h, c] = alpha * <vec[s, h], mean_h> (+ sum_t <dy_t,h, x_t,h> when dy) (+ extra[s, h, c] when extra)
+// Missing chunks get a zero mean and out = empty_value.
+template <typename scalar_t, typename acc_t>
+void reduce_chunks(const Layout& L, const scalar_t* x, const scalar_t* dy, const scalar_t* vec, int64_t vec_seq_stride,
+                   const acc_t* extra, acc_t alpha, acc_t empty_value, acc_t* means, acc_t* out) {
+  const int64_t H = L.shape.num_heads, D = L.shape.head_dim, M = L.shape.num_chunks, row = L.row();
+  at::parallel_for(0, L.shape.num_seqs * M, L.grain(), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> dot(row);
+    for (int64_t item = begin; item < end; ++item) {
+      const ChunkSpan sp = L.span(item);
+      const int64_t i_s = item / M, i_c = item % M;
+      acc_t* mean = means + item * row;
+      std::fill(mean, mean + row, acc_t(0));
+      if (sp.count <= 0) {
+        for (int64_t h = 0; h < H; ++h) out[(i_s * H + h) * M + i_c] = empty_value;
+        continue;
+      }
+      if (dy) std::fill(dot.begin(), dot.end(), acc_t(0));
+      for (int64_t t = sp.first; t < sp.first + sp.count; ++t) {
+        const scalar_t* p_x = x + t * row;
+        for (int64_t j = 0; j < row; ++j) mean[j] += static_cast<acc_t>(p_x[j]);
+        if (dy) {
+          const scalar_t* p_dy = dy + t * row;
+          for (int64_t j = 0; j < row; ++j) dot[j] += static_cast<acc_t>(p_dy[j]) * static_cast<acc_t>(p_x[j]);
+        }
+      }
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(sp.count);
+      for (int64_t j = 0; j < row; ++j) mean[j] *= inv;
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* v = vec + i_s * vec_seq_stride + h * D;
+        acc_t value = 0;
+        for (int64_t d = 0; d < D; ++d) value += static_cast<acc_t>(v[d]) * mean[h * D + d];
+        value *= alpha;
+        if (dy) {
+          for (int64_t d = 0; d < D; ++d) value += dot[h * D + d];
+        }
+        const int64_t o = (i_s * H + h) * M + i_c;
+        out[o] = extra ? value + extra[o] : value;
+      }
+    }
+  });
+}
+
+// Pass 2 of both directions, per (sequence, head): touches only scores/weights and means.
+template <typename acc_t, typename Fn>
+void for_each_row(const Layout& L, Fn fn) {
+  const int64_t rows = L.shape.num_seqs * L.shape.num_heads;
+  const int64_t grain = std::max<int64_t>(1, GRAIN_VALUES / std::max<int64_t>(1, L.shape.num_chunks * L.shape.head_dim));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) fn(r / L.shape.num_heads, r % L.shape.num_heads);
+  });
+}
+
+// Pass 3 of both directions, per (sequence, chunk): out_t,h = w[s, h, c] * src_t,h (+ add[item, h] when add).
+template <typename scalar_t, typename acc_t>
+void scale_chunks(const Layout& L, const scalar_t* src, const acc_t* weights, const acc_t* add, scalar_t* out) {
+  const int64_t H = L.shape.num_heads, D = L.shape.head_dim, M = L.shape.num_chunks, row = L.row();
+  at::parallel_for(0, L.shape.num_seqs * M, L.grain(), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const ChunkSpan sp = L.span(item);
+      const int64_t i_s = item / M, i_c = item % M;
+      for (int64_t t = sp.first; t < sp.first + sp.count; ++t) {
+        for (int64_t h = 0; h < H; ++h) {
+          const acc_t w = weights[(i_s * H + h) * M + i_c];
+          const scalar_t* p_src = src + t * row + h * D;
+          scalar_t* p_out = out + t * row + h * D;
+          if (add) {
+            const acc_t* a = add + item * row + h * D;
+            for (int64_t d = 0; d < D; ++d) p_out[d] = static_cast<scalar_t>(w * static_cast<acc_t>(p_src[d]) + a[d]);
+          } else {
+            for (int64_t d = 0; d < D; ++d) p_out[d] = static_cast<scalar_t>(w * static_cast<acc_t>(p_src[d]));
+          }
+        }
+      }
+    }
+  });
+}
+
+struct Prepared {
+  Layout layout;
+  at::Tensor cu;  // keeps the contiguous offsets alive
+};
+
+Prepared prepare(const at::Tensor& x, const at::Tensor& query, int64_t chunk_size,
+                 const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
+  Prepared p{{check_chunk_mean_args(x, chunk_size, cu_seqlens, max_seqlen, c10::DeviceType::CPU), nullptr, chunk_size},
+             {}};
+  check_chunk_route_query(query, x, p.layout.shape);
+  if (p.layout.shape.varlen) {
+    p.cu = cu_seqlens->contiguous();
+    p.layout.cu = p.cu.const_data_ptr<int32_t>();
+    check_cu_seqlens_values(p.layout.cu, p.layout.shape.num_seqs, p.layout.shape.num_tokens, max_seqlen);
+  }
+  return p;
+}
+
+at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_route_fwd_cpu(const at::Tensor& x, const at::Tensor& query,
+                                                                   int64_t chunk_size,
+                                                                   const std::optional<at::Tensor>& cu_seqlens,
+                                                                   int64_t max_seqlen, double scale) {
+  const Prepared p = prepare(x, query, chunk_size, cu_seqlens, max_seqlen);
+  const ChunkMeanShape& sh = p.layout.shape;
+  const int64_t S = sh.num_seqs, M = sh.num_chunks, H = sh.num_heads, D = sh.head_dim;
+  const auto acc_opts = x.options().dtype(acc_type(x));
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor weights = at::empty({S, H, M}, acc_opts);
+  at::Tensor summary = at::empty({S, H, D}, x.options());
+  at::Tensor means = at::empty({S * M, H * D}, acc_opts);
+  const at::Tensor x_c = x.contiguous(), q_c = query.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "chunk_route_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* w = weights.mutable_data_ptr<acc_t>();
+    const acc_t* mu = means.const_data_ptr<acc_t>();
+    reduce_chunks<scalar_t, acc_t>(p.layout, x_c.const_data_ptr<scalar_t>(), nullptr, q_c.const_data_ptr<scalar_t>(),
+                                   query.dim() == 2 ? 0 : H * D, nullptr, static_cast<acc_t>(scale),
+                                   -std::numeric_limits<acc_t>::infinity(), means.mutable_data_ptr<acc_t>(), w);
+    scalar_t* out_summary = summary.mutable_data_ptr<scalar_t>();
+    for_each_row<acc_t>(p.layout, [&](int64_t s, int64_t h) {
+      acc_t* row = w + (s * H + h) * M;
+      acc_t top = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t i = 0; i < M; ++i) top = std::max(top, row[i]);
+      if (std::isinf(top) && top < 0) top = 0;  // empty sequence: every weight becomes 0
+      acc_t den = 0;
+      for (int64_t i = 0; i < M; ++i) den += (row[i] = std::exp(row[i] - top));
+      const acc_t inv = den > 0 ? acc_t(1) / den : acc_t(0);
+      std::vector<acc_t> acc(D, acc_t(0));
+      for (int64_t i = 0; i < M; ++i) {
+        row[i] *= inv;
+        const acc_t* mean = mu + (s * M + i) * H * D + h * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += row[i] * mean[d];
+      }
+      for (int64_t d = 0; d < D; ++d) out_summary[(s * H + h) * D + d] = static_cast<scalar_t>(acc[d]);
+    });
+    scale_chunks<scalar_t, acc_t>(p.layout, x_c.const_data_ptr<scalar_t>(), w, nullptr, y.mutable_data_ptr<scalar_t>());
+  });
+  return {y, weights, summary};
+}
+
+std::tuple<at::Tensor, at::Tensor> chunk_route_bwd_cpu(const at::Tensor& dy, const at::Tensor& dweights,
+                                                       const at::Tensor& dsummary, const at::Tensor& x,
+                                                       const at::Tensor& query, const at::Tensor& weights,
+                                                       int64_t chunk_size, const std::optional<at::Tensor>& cu_seqlens,
+                                                       int64_t max_seqlen, double scale) {
+  const Prepared p = prepare(x, query, chunk_size, cu_seqlens, max_seqlen);
+  const ChunkMeanShape& sh = p.layout.shape;
+  const int64_t S = sh.num_seqs, M = sh.num_chunks, H = sh.num_heads, D = sh.head_dim;
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "dy must match x, got ", dy.sizes());
+  TORCH_CHECK(weights.sizes() == at::IntArrayRef({S, H, M}) && weights.scalar_type() == acc_type(x),
+              "weights must be (S, H, M) = (", S, ", ", H, ", ", M, ") in ", acc_type(x), ", got ", weights.sizes());
+  TORCH_CHECK(dweights.sizes() == weights.sizes(), "dweights must match weights, got ", dweights.sizes());
+  TORCH_CHECK(dsummary.sizes() == at::IntArrayRef({S, H, D}) && dsummary.scalar_type() == x.scalar_type(),
+              "dsummary must be (S, H, D) in x's dtype, got ", dsummary.sizes());
+  const auto acc_opts = x.options().dtype(acc_type(x));
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dquery = at::empty({S, H, D}, acc_opts);
+  at::Tensor means = at::empty({S * M, H * D}, acc_opts);
+  at::Tensor dw = at::empty({S, H, M}, acc_opts);
+  at::Tensor add = at::empty({S * M, H * D}, acc_opts);  // per-chunk row added to every token's dx
+  const at::Tensor x_c = x.contiguous(), dy_c = dy.contiguous(), q_c = query.contiguous();
+  const at::Tensor w_c = weights.contiguous(), dsum_c = dsummary.contiguous();
+  const at::Tensor dweights_c = dweights.to(acc_type(x)).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "chunk_route_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* w = w_c.const_data_ptr<acc_t>();
+    const acc_t* mu = means.const_data_ptr<acc_t>();
+    const scalar_t* q = q_c.const_data_ptr<scalar_t>();
+    const scalar_t* gsum = dsum_c.const_data_ptr<scalar_t>();
+    const int64_t q_stride = query.dim() == 2 ? 0 : H * D;
+    acc_t* g = dw.mutable_data_ptr<acc_t>();
+    reduce_chunks<scalar_t, acc_t>(p.layout, x_c.const_data_ptr<scalar_t>(), dy_c.const_data_ptr<scalar_t>(), gsum,
+                                   H * D, dweights_c.const_data_ptr<acc_t>(), acc_t(1), acc_t(0),
+                                   means.mutable_data_ptr<acc_t>(), g);
+    acc_t* dq = dquery.mutable_data_ptr<acc_t>();
+    acc_t* a = add.mutable_data_ptr<acc_t>();
+    for_each_row<acc_t>(p.layout, [&](int64_t s, int64_t h) {
+      const acc_t* wr = w + (s * H + h) * M;
+      const acc_t* gr = g + (s * H + h) * M;
+      acc_t total = 0;
+      for (int64_t i = 0; i < M; ++i) total += wr[i] * gr[i];
+      acc_t* dqr = dq + (s * H + h) * D;
+      std::fill(dqr, dqr + D, acc_t(0));
+      const scalar_t* qr = q + s * q_stride + h * D;
+      const scalar_t* gs = gsum + (s * H + h) * D;
+      for (int64_t i = 0; i < M; ++i) {
+        const acc_t ds = wr[i] * (gr[i] - total);
+        const acc_t* mean = mu + (s * M + i) * H * D + h * D;
+        for (int64_t d = 0; d < D; ++d) dqr[d] += static_cast<acc_t>(scale) * ds * mean[d];
+        // dmean_i / |chunk i|, the share of every token of chunk i (missing chunks have no tokens).
+        const ChunkSpan sp = p.layout.span(s * M + i);
+        const acc_t inv = sp.count > 0 ? acc_t(1) / static_cast<acc_t>(sp.count) : acc_t(0);
+        acc_t* ar = a + (s * M + i) * H * D + h * D;
+        for (int64_t d = 0; d < D; ++d)
+          ar[d] = (static_cast<acc_t>(scale) * ds * static_cast<acc_t>(qr[d]) + wr[i] * static_cast<acc_t>(gs[d])) * inv;
+      }
+    });
+    scale_chunks<scalar_t, acc_t>(p.layout, dy_c.const_data_ptr<scalar_t>(), w, a, dx.mutable_data_ptr<scalar_t>());
+  });
+  at::Tensor dq_out = query.dim() == 2 ? dquery.sum(0) : dquery;
+  return {dx, dq_out.to(query.scalar_type())};
+}
+
+}  // namespace
+}  // namespace routing_kernels
+
+TORCH_LIBRARY_IMPL(routing_kernels, CPU, m) {
+  m.impl("chunk_route_fwd", TORCH_FN(routing_kernels::chunk_route_fwd_cpu));
+  m.impl("chunk_route_bwd", TORCH_FN(routing_kernels::chunk_route_bwd_cpu));
+}

@@ -1,0 +1,55 @@
+// chunk_mean_fwd(Tensor x, int chunk_size, Tensor? cu_seqlens, int max_seqlen) -> Tensor
+//
+//   dense : x (B, N, H, D), cu_seqlens None, max_seqlen ignored        -> out (B, M, H, D), M = ceil(N / chunk_size)
+//   varlen: x (T, H, D), cu_seqlens int32 (S + 1,), max_seqlen >= L_s  -> out (S, M, H, D), M = ceil(max_seqlen / chunk_size)
+//
+// out[s, i] is the mean of x over tokens [i * chunk_size, min((i + 1) * chunk_size, L_s)) of sequence s, accumulated
+// in fp32 (fp64 for fp64 input), and 0 where sequence s has no chunk i. Shape logic shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <routing_kernels/checks.h>
+
+#include <optional>
+
+namespace routing_kernels {
+
+struct ChunkMeanShape {
+  bool varlen;
+  int64_t num_seqs;    // B (dense) or S (varlen)
+  int64_t seqlen;      // N (dense); 0 for varlen, where cu_seqlens gives each length
+  int64_t num_tokens;  // B * N or T
+  int64_t num_heads;   // H
+  int64_t head_dim;    // D
+  int64_t num_chunks;  // M
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+inline ChunkMeanShape check_chunk_mean_args(const at::Tensor& x, int64_t chunk_size,
+                                            const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+                                            c10::DeviceType device) {
+  check_device(x, device, "x");
+  check_float_dtype(x, "x");
+  check_chunk_size(chunk_size);
+  ChunkMeanShape shape{};
+  shape.varlen = cu_seqlens.has_value();
+  if (shape.varlen) {
+    check_rank(x, 3, "x", "(T, H, D) when cu_seqlens is given");
+    check_cu_seqlens(*cu_seqlens, x);
+    TORCH_CHECK(max_seqlen >= 0, "max_seqlen must be >= 0, got ", max_seqlen);
+    shape.num_seqs = cu_seqlens->numel() - 1;
+    shape.num_tokens = x.size(0);
+    shape.num_chunks = ceil_div(max_seqlen, chunk_size);
+  } else {
+    check_rank(x, 4, "x", "(B, N, H, D) when cu_seqlens is None");
+    shape.num_seqs = x.size(0);
+    shape.seqlen = x.size(1);
+    shape.num_tokens = shape.num_seqs * shape.seqlen;
+    shape.num_chunks = ceil_div(shape.seqlen, chunk_size);
+  }
+  shape.num_heads = x.size(-2);
+  shape.head_dim = x.size(-1);
+  return shape;
+}
+
+}  // namespace routing_kernels

@@ -1,0 +1,43 @@
+// The Python module routing_kernels._C. Loading it runs the TORCH_LIBRARY registrations of the other sources,
+// which is what makes torch.ops.routing_kernels.* available; the module itself only reports how it was built.
+#include <pybind11/pybind11.h>
+
+// setup.py passes these; the fallbacks keep other builds compiling.
+#ifndef ROUTING_KERNELS_VERSION
+#define ROUTING_KERNELS_VERSION "unknown"
+#endif
+#ifndef ROUTING_KERNELS_WITH_CUDA
+#define ROUTING_KERNELS_WITH_CUDA 0
+#endif
+#ifndef ROUTING_KERNELS_CUDA_ARCHS
+#define ROUTING_KERNELS_CUDA_ARCHS ""
+#endif
+#ifndef ROUTING_KERNELS_TORCH_VERSION
+#define ROUTING_KERNELS_TORCH_VERSION "unknown"
+#endif
+#ifndef ROUTING_KERNELS_CUDA_VERSION
+#define ROUTING_KERNELS_CUDA_VERSION ""
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = ROUTING_KERNELS_VERSION;
+  info["cuda_built"] = static_cast<bool>(ROUTING_KERNELS_WITH_CUDA);
+  info["cuda_archs"] = ROUTING_KERNELS_CUDA_ARCHS;  // TORCH_CUDA_ARCH_LIST at build time, "" without CUDA
+  info["torch_version"] = ROUTING_KERNELS_TORCH_VERSION;
+  const std::string cuda_version = ROUTING_KERNELS_CUDA_VERSION;
+  info["cuda_version"] = cuda_version.empty() ? py::object(py::none()) : py::object(py::str(cuda_version));
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "C++/CUDA kernels of routing_kernels; the ops are under torch.ops.routing_kernels";
+  m.def("build_info", &build_info, "How this extension was built: version, cuda_built, cuda_archs, torch_version, "
+                                   "cuda_version.");
+}

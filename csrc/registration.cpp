@@ -1,0 +1,16 @@
+// The one place where the C++ ops' schemas are declared. FRAGMENT: Python adds more ops to this namespace
+// with torch.library.custom_op. Kernels are registered per device in cpu/*.cpp and cuda/*.cu; fake (meta)
+// kernels are registered from Python with torch.library.register_fake.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(routing_kernels, m) {
+  // Per-chunk mean of x; see include/routing_kernels/chunk_mean.h for the contract.
+  m.def("chunk_mean_fwd(Tensor x, int chunk_size, Tensor? cu_seqlens, int max_seqlen) -> Tensor");
+  // chunk_route forward and backward; see include/routing_kernels/chunk_route.h.
+  m.def(
+      "chunk_route_fwd(Tensor x, Tensor query, int chunk_size, Tensor? cu_seqlens, int max_seqlen, float scale)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "chunk_route_bwd(Tensor dy, Tensor dweights, Tensor dsummary, Tensor x, Tensor query, Tensor weights,"
+      " int chunk_size, Tensor? cu_seqlens, int max_seqlen, float scale) -> (Tensor, Tensor)");
+}
