@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import _backend, _triton
+from ... import _backend, _ext, _triton
 from ..._validation import (check_cu_seqlens_shape, check_cu_seqlens_values, check_int, check_tensor)
 from ..chunk_mean.op import out_shape as chunk_mean_shape
 from .reference import chunk_route_backward_ref, chunk_route_ref
@@ -39,8 +39,14 @@ def weights_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def backend_for(x: Tensor) -> str:
     device = x.device.type
-    available = {"triton": _triton.can_run(device) and x.dtype != torch.float64}
+    available = {"triton": _triton.can_run(device) and x.dtype != torch.float64,
+                 "cpu": device == "cpu" and _ext.has_kernel("chunk_route_fwd", "cpu"),
+                 "cuda": device == "cuda" and _ext.has_kernel("chunk_route_fwd", "cuda")}
     return _backend.select("chunk_route", device, _backend.requested_backend(), available)
+
+
+def _max_len(x: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: Optional[int]) -> int:
+    return x.shape[1] if cu_seqlens is None else max_seqlen
 
 
 def _scale(x: Tensor, scale: Optional[float]) -> float:
@@ -53,9 +59,14 @@ def chunk_route(x: Tensor, query: Tensor, chunk_size: int, cu_seqlens: Optional[
     check_args(x, query, chunk_size, cu_seqlens, max_seqlen, scale)
     if x.device.type == "cpu":
         check_cu_seqlens_values(cu_seqlens, max_seqlen, x.shape[0])
-    if backend_for(x) == "triton":
+    backend = backend_for(x)
+    if backend == "triton":
         from .triton import chunk_route_fwd
         y, w, summary = chunk_route_fwd(x, query, chunk_size, cu_seqlens, max_seqlen, _scale(x, scale))
+    elif backend in ("cpu", "cuda"):
+        y, w, summary = torch.ops.routing_kernels.chunk_route_fwd(x, query, chunk_size, cu_seqlens,
+                                                                   _max_len(x, cu_seqlens, max_seqlen),
+                                                                   _scale(x, scale))
     else:
         y, w, summary = chunk_route_ref(x, query, chunk_size, cu_seqlens, max_seqlen, scale)
     return y.contiguous(), w.contiguous(), summary.contiguous()
@@ -76,6 +87,10 @@ def chunk_route_backward(dy: Tensor, dweights: Tensor, dsummary: Tensor, x: Tens
         from .triton import chunk_route_bwd
         dx, dq = chunk_route_bwd(dy, dweights, dsummary, x, query, weights, chunk_size, cu_seqlens, max_seqlen,
                                  _scale(x, scale))
+    elif backend in ("cpu", "cuda"):
+        dx, dq = torch.ops.routing_kernels.chunk_route_bwd(dy, dweights, dsummary, x, query, weights, chunk_size,
+                                                           cu_seqlens, _max_len(x, cu_seqlens, max_seqlen),
+                                                           _scale(x, scale))
     else:
         dx, dq = chunk_route_backward_ref(dy, dweights, dsummary, x, query, weights, chunk_size, cu_seqlens,
                                           max_seqlen, scale)

@@ -1,3 +1,4 @@
+"""Shared by python_tests/ and bench/: the gpu marker, and the Triton interpreter on GPU-less machines."""
 import os
 
 import pytest

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The README's test command: set up, build the CUDA sources for sm_90 (needs nvcc, not a GPU), build and
+# ctest the CMake target, then the Python tests (GPU tests skip without a GPU; Triton runs in its
+# interpreter on CPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+start=$SECONDS
+bash .ci/setup.sh
+if command -v "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" >/dev/null && "$PYTHON" -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
+  bash .ci/build_ext.sh  # sm_90 build, checked with cuobjdump
+fi
+bash .ci/cmake_test.sh
+echo "== build steps took $((SECONDS - start)) s"
+"$PYTHON" -m pytest python_tests bench -q -p no:cacheprovider --durations=10
+echo "== total $((SECONDS - start)) s"
