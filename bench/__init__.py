@@ -1,0 +1,1 @@
+"""Benchmark harness for routing_kernels: `python -m bench --help` (see bench/README.md)."""

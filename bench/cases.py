@@ -1,0 +1,171 @@
+"""Benchmark cases, defined once for the CLI harness and the pytest-benchmark suite.
+
+A Case knows its inputs, how to call an op on them, which outputs to backpropagate, and how much
+work the op must do at minimum (bytes or FLOPs), so every provider is scored against the same count.
+
+Traffic conventions (GB/s ops), with X = B*N*H*D*itemsize, Y = B*M*H*D*itemsize, M = ceil(N/C):
+  chunk_mean  fwd: read x + write means              = X + Y
+              bwd: read dy + write dx                = Y + X   (the mean is linear: dx needs no x)
+  chunk_route fwd: read x, query + write y, weights (fp32), summary
+              bwd: read x, dy, dweights, dsummary, query + write dx, dquery
+                   (x is needed again: d(weights)/dx depends on the chunk means of x)
+  route_chunks fwd: read q, k + write the int32 indices (B, N, Hq, top_k)
+  fwd+bwd = fwd + bwd: each pass moves its own bytes.
+FLOP convention (routed_attention, TFLOP/s): 2*D (q.k) + 2*Dv (p.v) per (query, key) pair that the
+selection and the causal mask allow; D == Dv here, so 4*D per pair. Routing scores (q against chunk
+means) are not counted. Backward = 2.5 x forward (FlashAttention's convention: 5 matmuls vs 2);
+fwd+bwd = 3.5 x forward.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+OPS = ("chunk_mean", "chunk_route", "route_chunks", "routed_attention")
+ATTENTION_OPS = ("route_chunks", "routed_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str
+    B: int
+    N: int
+    H: int  # heads of x (chunk ops) or of q (attention ops)
+    D: int
+    chunk: int
+    dtype: torch.dtype
+    device: str
+    hkv: Optional[int] = None  # k/v heads (attention ops)
+    top_k: Optional[int] = None
+    ref_ok: bool = True  # False: the eager reference is too big to run (O(N^2) memory)
+
+    # ---- description -------------------------------------------------------------------------
+    @property
+    def shape(self) -> str:
+        if self.op in ATTENTION_OPS:
+            return (f"B={self.B} N={self.N} Hq={self.H} Hkv={self.hkv} D={self.D} "
+                    f"C={self.chunk} k={self.top_k}")
+        return f"B={self.B} N={self.N} H={self.H} D={self.D} C={self.chunk}"
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    @property
+    def modes(self) -> tuple:
+        return ("fwd",) if self.op == "route_chunks" else MODES
+
+    @property
+    def M(self) -> int:
+        return math.ceil(self.N / self.chunk)
+
+    # ---- calling -----------------------------------------------------------------------------
+    def make_inputs(self, seed: int = 0) -> tuple:
+        """Random (never zero) inputs; float leaves require grad when the op has a backward."""
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        grad = self.op != "route_chunks"
+
+        def rand(*shape):
+            t = torch.randn(shape, generator=gen, device=self.device, dtype=torch.float32)
+            return t.to(self.dtype).requires_grad_(grad)
+
+        if self.op == "chunk_mean":
+            return (rand(self.B, self.N, self.H, self.D),)
+        if self.op == "chunk_route":
+            return rand(self.B, self.N, self.H, self.D), rand(self.H, self.D)
+        q = rand(self.B, self.N, self.H, self.D)
+        k = rand(self.B, self.N, self.hkv, self.D)
+        if self.op == "route_chunks":
+            return q, k
+        return q, k, rand(self.B, self.N, self.hkv, self.D)
+
+    def call_kwargs(self) -> dict:
+        """Keyword arguments shared by the public function and its eager reference."""
+        if self.op in ATTENTION_OPS:
+            return {"chunk_size": self.chunk, "top_k": self.top_k, "causal": True}
+        return {"chunk_size": self.chunk}
+
+    def pick_outputs(self, out) -> tuple:
+        """The tensors a benchmark keeps and backpropagates: all of chunk_route's outputs,
+        only `o` of routed_attention (the reference also returns lse; the public call does not)."""
+        if self.op == "chunk_route":
+            return tuple(out)[:3]
+        if isinstance(out, (tuple, list)):
+            return (out[0],)
+        return (out,)
+
+    # ---- work --------------------------------------------------------------------------------
+    def bytes_moved(self, mode: str) -> float:
+        if mode == "fwd+bwd":
+            return self.bytes_moved("fwd") + self.bytes_moved("bwd")
+        es = torch.empty((), dtype=self.dtype).element_size()
+        B, N, H, D, M = self.B, self.N, self.H, self.D, self.M
+        x, means = B * N * H * D * es, B * M * H * D * es
+        if self.op == "chunk_mean":
+            return float(x + means)  # fwd: x in, means out; bwd: dy in, dx out
+        if self.op == "chunk_route":
+            query, weights, summary = H * D * es, B * H * M * 4, B * H * D * es
+            if mode == "fwd":
+                return float(x + query + x + weights + summary)
+            return float(2 * x + weights + summary + query + x + query)
+        if self.op == "route_chunks":
+            return float(x + B * N * self.hkv * D * es + B * N * H * self.top_k * 4)
+        raise ValueError(f"{self.op} is scored in FLOPs")
+
+    def allowed_pairs(self) -> int:
+        """(query, key) pairs per (batch, head) that routed attention must score, assuming the
+        router picks min(top_k, chunks available) distinct chunks and always the query's own."""
+        C, total = self.chunk, 0
+        for j in range(self.M):
+            L = min(C, self.N - j * C)  # queries in chunk j
+            # earlier chunks are full; the own chunk is causal: query i sees i - j*C + 1 keys
+            total += L * (min(self.top_k, j + 1) - 1) * C + L * (L + 1) // 2
+        return total
+
+    def flops(self, mode: str) -> float:
+        fwd = 4.0 * self.D * self.allowed_pairs() * self.B * self.H
+        return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+
+    @property
+    def throughput_unit(self) -> str:
+        return "TFLOP/s" if self.op == "routed_attention" else "GB/s"
+
+    def throughput(self, mode: str, ms: float) -> float:
+        if not (ms > 0) or math.isinf(ms):
+            return float("nan")
+        if self.op == "routed_attention":
+            return self.flops(mode) / (ms * 1e-3) / 1e12
+        return self.bytes_moved(mode) / (ms * 1e-3) / 1e9
+
+
+def default_cases(device: str, quick: bool = False) -> list:
+    """The benchmark matrix for a device ("cpu" or "cuda")."""
+    cuda = device.startswith("cuda")
+    if quick:  # seconds-long smoke run
+        dt = torch.bfloat16 if cuda else torch.float32
+        chunk = [Case(op, 2, 256, 2, 16, 64, dt, device) for op in ("chunk_mean", "chunk_route")]
+        attn = [Case(op, 1, 256, 4, 16, 64, dt, device, hkv=2, top_k=2) for op in ATTENTION_OPS]
+        return chunk + attn
+    if not cuda:
+        # target case: chunk_route B=4, N=8192, H=8, D=64, C=128, fp32
+        chunk = [Case(op, 4, n, 8, 64, 128, torch.float32, device)
+                 for op in ("chunk_mean", "chunk_route") for n in (1024, 8192)]
+        # the reference materialises (B, Hq, N, N) scores: 8.6 GB fp32 at N=16384, so N=4096 only
+        attn = [Case(op, 1, n, 8, 64, 512, torch.float32, device, hkv=2, top_k=4,
+                     ref_ok=(op == "route_chunks" or n <= 4096))
+                for op in ATTENTION_OPS for n in (4096, 16384)]
+        return chunk + attn
+    chunk = []
+    for op in ("chunk_mean", "chunk_route"):
+        for n in (1024, 4096, 16384, 65536, 131072):
+            b = max(4, min(8, 2**30 // (n * 16 * 128)))  # B*N*H*D <= ~2^30 elements (2 GiB bf16)
+            chunk.append(Case(op, b, n, 16, 128, 128, torch.bfloat16, device))
+    # eager attention scores at N=16K: 32 * 16K^2 fp32 = 34 GB per tensor; none beyond that
+    attn = [Case(op, 1, n, 32, 128, 1024, torch.bfloat16, device, hkv=8, top_k=8,
+                 ref_ok=(op == "route_chunks" or n <= 16384))
+            for op in ATTENTION_OPS for n in (4096, 16384, 65536, 131072)]
+    return chunk + attn

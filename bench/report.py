@@ -1,0 +1,142 @@
+"""Results out: CSV (written row by row, so a killed run keeps what it measured), JSON,
+a markdown table and a plot."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+COLUMNS = ["op", "provider", "mode", "shape", "dtype", "device", "ms_median", "ms_p20", "ms_p80",
+           "throughput", "throughput_unit", "peak_mem_mb", "torch", "triton", "commit",
+           "timestamp"]
+
+
+def file_stem(device_name: str, timestamp: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower()
+    stamp = re.sub(r"[^0-9T]", "", timestamp[:19]).replace("T", "-")  # YYYYMMDD-HHMMSS
+    return f"bench_{slug}_{stamp}"
+
+
+class CsvWriter:
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "w", newline="")
+        self._w = csv.DictWriter(self._f, fieldnames=COLUMNS, extrasaction="ignore")
+        self._w.writeheader()
+        self._f.flush()
+
+    def write(self, row: dict):
+        self._w.writerow({k: _fmt(v) for k, v in row.items()})
+        self._f.flush()
+
+    def close(self):
+        self._f.close()
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return v
+
+
+def write_json(path: Path, rows: list, meta: dict):
+    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+             for r in rows]
+    path.write_text(json.dumps({"meta": meta, "rows": clean}, indent=1, default=str))
+
+
+def _cell(row) -> str:
+    ms = row["ms_median"]
+    if math.isnan(ms):
+        return "n/a"
+    thr = row["throughput"]
+    return f"{ms:.3g} ms, {thr:.3g} {row['throughput_unit']}"
+
+
+def markdown_table(rows: list, providers: list, ceilings: dict | None = None) -> str:
+    """One line per (op, mode, shape), one column per provider: 'ms, throughput'."""
+    keys, cells = [], {}
+    for r in rows:
+        key = (r["op"], r["mode"], r["shape"], r["dtype"])
+        if key not in cells:
+            keys.append(key)
+            cells[key] = {}
+        cells[key][r["provider"]] = r
+    head = ["op", "mode", "shape", "dtype"] + providers
+    if ceilings:
+        head.append("ours/ceiling")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
+    for key in keys:
+        line = list(key)
+        for p in providers:
+            r = cells[key].get(p)
+            line.append(_cell(r) if r else "-")
+            if r and r.get("note") and math.isnan(r["ms_median"]):
+                notes.append(f"{p} {key[0]} {key[1]} {key[2]}: {r['note']}")
+        if ceilings:
+            line.append(_fraction(cells[key].get("ours"), ceilings))
+        lines.append("| " + " | ".join(line) + " |")
+    if ceilings:
+        lines.append("\nceilings: " + ", ".join(f"{k}={v:.4g}" for k, v in ceilings.items()
+                                                   if isinstance(v, (int, float))))
+    if notes:
+        lines.append("\nnot measured:\n" + "\n".join(f"- {n}" for n in notes))
+    return "\n".join(lines)
+
+
+def _fraction(row, ceilings) -> str:
+    if not row or math.isnan(row["throughput"]):
+        return "-"
+    peak = ceilings.get("copy_GB/s") if row["throughput_unit"] == "GB/s" else ceilings.get(
+        "matmul_TFLOP/s")
+    return f"{100 * row['throughput'] / peak:.0f}%" if peak else "-"
+
+
+def plot(path: Path, rows: list, title: str, ceilings: dict | None = None,
+         providers: list | None = None) -> bool:
+    """Throughput vs N, one subplot per (op, mode), one line per provider (same colour in all)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("warning: matplotlib is not installed, no plot written", file=sys.stderr)
+        return False
+    panels = list(dict.fromkeys((r["op"], r["mode"]) for r in rows))
+    providers = providers or list(dict.fromkeys(r["provider"] for r in rows))
+    colour = {p: f"C{i}" for i, p in enumerate(providers)}
+    if not panels:
+        return False
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), squeeze=False)
+    for ax, (op, mode) in zip(axes.flat, panels):
+        sel = [r for r in rows if (r["op"], r["mode"]) == (op, mode)]
+        unit = sel[0]["throughput_unit"]
+        for prov in providers:
+            pts = sorted((r["N"], r["throughput"]) for r in sel
+                         if r["provider"] == prov and not math.isnan(r["throughput"]))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=prov, color=colour[prov])
+        ceiling = (ceilings or {}).get("copy_GB/s" if unit == "GB/s" else "matmul_TFLOP/s")
+        if ceiling:
+            ax.axhline(ceiling, color="gray", linestyle="--", linewidth=1, label="ceiling")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{op} {mode}")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel(unit)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
