@@ -11,6 +11,7 @@ Environment knobs:
 
 import os
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -83,7 +84,10 @@ def make_extension():
         "ROUTING_KERNELS_TORCH_VERSION": torch.__version__,
         "ROUTING_KERNELS_CUDA_VERSION": torch.version.cuda if with_cuda else "",
     }
-    cxx_flags = ["-O3"] + [f'-D{name}="{value}"' for name, value in build_defines.items()]
+    # at::parallel_for is an inline OpenMP template: without -fopenmp it silently runs on one thread.
+    # The loader resolves libgomp.so.1 to the copy torch already loaded.
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    cxx_flags = ["-O3", *openmp] + [f'-D{name}="{value}"' for name, value in build_defines.items()]
     nvcc_flags = ["-O3", "-lineinfo"]
     extension = CUDAExtension if with_cuda else CppExtension
     return extension(
@@ -92,6 +96,7 @@ def make_extension():
         include_dirs=[str(ROOT / "csrc" / "include")],
         define_macros=[("ROUTING_KERNELS_WITH_CUDA", "1" if with_cuda else "0")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if with_cuda else {"cxx": cxx_flags},
+        extra_link_args=openmp,
     )
 
 

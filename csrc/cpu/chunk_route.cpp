@@ -1,4 +1,5 @@
-// CPU kernels of routing_kernels::chunk_route_fwd / chunk_route_bwd (contract in include/routing_kernels/chunk_route.h).
+// CPU kernels of routing_kernels::chunk_route_fwd / chunk_route_bwd (contract in
+// include/routing_kernels/chunk_route.h).
 //
 // Each direction makes two passes over the token data, parallel over (sequence, chunk) work items, with a cheap
 // per-(sequence, head) softmax step between them that touches only the (S, M, H, D) chunk means:
@@ -6,12 +7,12 @@
 //   backward: [sum x, <dy, x> -> means, dw]  [ds, dquery]  [dx = w * dy + per-chunk row]
 // A token's H * D values are contiguous, so the inner loops run over flat rows; they are plain loops that GCC
 // vectorizes at -O3 (see chunk_mean.cpp for why not at::vec). Nothing the size of x is allocated besides outputs.
-#include <routing_kernels/chunk_route.h>
-
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <routing_kernels/chunk_route.h>
+#include <routing_kernels/cpu_memory.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -46,14 +47,40 @@ struct Layout {
   int64_t grain() const { return std::max<int64_t>(1, GRAIN_VALUES / std::max<int64_t>(1, chunk_size * row())); }
 };
 
+struct SeqRange {
+  int64_t begin, end;
+};
+
+// Sequences are processed in groups whose token data (bytes_per_token for every stream a pass reads or writes)
+// fits in about half of a server L3 (36 MB here): the second pass over a group then reads x (or dy) from cache
+// rather than DRAM, so each direction costs about one DRAM pass instead of two. A sequence larger than the
+// budget is a group of its own; the softmax needs all of a sequence's chunks, so groups never split one.
+constexpr int64_t CACHE_BUDGET_BYTES = 16 << 20;
+
+template <typename Fn>
+void for_each_group(const Layout& L, int64_t bytes_per_token, Fn fn) {
+  int64_t begin = 0, tokens = 0;
+  for (int64_t s = 0; s < L.shape.num_seqs; ++s) {
+    const int64_t len = L.cu ? int64_t{L.cu[s + 1]} - L.cu[s] : L.shape.seqlen;
+    if (s > begin && (tokens + len) * bytes_per_token > CACHE_BUDGET_BYTES) {
+      fn(SeqRange{begin, s});
+      begin = s;
+      tokens = 0;
+    }
+    tokens += len;
+  }
+  if (L.shape.num_seqs > 0) fn(SeqRange{begin, L.shape.num_seqs});
+}
+
 // Pass 1 of both directions, per (sequence, chunk): the chunk mean of x (into means, (S*M, H*D)) and, per head,
 //   out[s, h, c] = alpha * <vec[s, h], mean_h> (+ sum_t <dy_t,h, x_t,h> when dy) (+ extra[s, h, c] when extra)
 // Missing chunks get a zero mean and out = empty_value.
 template <typename scalar_t, typename acc_t>
-void reduce_chunks(const Layout& L, const scalar_t* x, const scalar_t* dy, const scalar_t* vec, int64_t vec_seq_stride,
-                   const acc_t* extra, acc_t alpha, acc_t empty_value, acc_t* means, acc_t* out) {
+void reduce_chunks(const Layout& L, SeqRange seqs, const scalar_t* x, const scalar_t* dy, const scalar_t* vec,
+                   int64_t vec_seq_stride, const acc_t* extra, acc_t alpha, acc_t empty_value, acc_t* means,
+                   acc_t* out) {
   const int64_t H = L.shape.num_heads, D = L.shape.head_dim, M = L.shape.num_chunks, row = L.row();
-  at::parallel_for(0, L.shape.num_seqs * M, L.grain(), [&](int64_t begin, int64_t end) {
+  at::parallel_for(seqs.begin * M, seqs.end * M, L.grain(), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> dot(row);
     for (int64_t item = begin; item < end; ++item) {
       const ChunkSpan sp = L.span(item);
@@ -92,19 +119,21 @@ void reduce_chunks(const Layout& L, const scalar_t* x, const scalar_t* dy, const
 
 // Pass 2 of both directions, per (sequence, head): touches only scores/weights and means.
 template <typename acc_t, typename Fn>
-void for_each_row(const Layout& L, Fn fn) {
-  const int64_t rows = L.shape.num_seqs * L.shape.num_heads;
-  const int64_t grain = std::max<int64_t>(1, GRAIN_VALUES / std::max<int64_t>(1, L.shape.num_chunks * L.shape.head_dim));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+void for_each_row(const Layout& L, SeqRange seqs, Fn fn) {
+  const int64_t H = L.shape.num_heads;
+  const int64_t grain =
+      std::max<int64_t>(1, GRAIN_VALUES / std::max<int64_t>(1, L.shape.num_chunks * L.shape.head_dim));
+  at::parallel_for(seqs.begin * H, seqs.end * H, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) fn(r / L.shape.num_heads, r % L.shape.num_heads);
   });
 }
 
 // Pass 3 of both directions, per (sequence, chunk): out_t,h = w[s, h, c] * src_t,h (+ add[item, h] when add).
 template <typename scalar_t, typename acc_t>
-void scale_chunks(const Layout& L, const scalar_t* src, const acc_t* weights, const acc_t* add, scalar_t* out) {
+void scale_chunks(const Layout& L, SeqRange seqs, const scalar_t* src, const acc_t* weights, const acc_t* add,
+                  scalar_t* out) {
   const int64_t H = L.shape.num_heads, D = L.shape.head_dim, M = L.shape.num_chunks, row = L.row();
-  at::parallel_for(0, L.shape.num_seqs * M, L.grain(), [&](int64_t begin, int64_t end) {
+  at::parallel_for(seqs.begin * M, seqs.end * M, L.grain(), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const ChunkSpan sp = L.span(item);
       const int64_t i_s = item / M, i_c = item % M;
@@ -154,6 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_route_fwd_cpu(const at::Ten
   const int64_t S = sh.num_seqs, M = sh.num_chunks, H = sh.num_heads, D = sh.head_dim;
   const auto acc_opts = x.options().dtype(acc_type(x));
   at::Tensor y = at::empty(x.sizes(), x.options());
+  advise_huge_pages(y);
   at::Tensor weights = at::empty({S, H, M}, acc_opts);
   at::Tensor summary = at::empty({S, H, D}, x.options());
   at::Tensor means = at::empty({S * M, H * D}, acc_opts);
@@ -162,27 +192,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_route_fwd_cpu(const at::Ten
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* w = weights.mutable_data_ptr<acc_t>();
     const acc_t* mu = means.const_data_ptr<acc_t>();
-    reduce_chunks<scalar_t, acc_t>(p.layout, x_c.const_data_ptr<scalar_t>(), nullptr, q_c.const_data_ptr<scalar_t>(),
-                                   query.dim() == 2 ? 0 : H * D, nullptr, static_cast<acc_t>(scale),
-                                   -std::numeric_limits<acc_t>::infinity(), means.mutable_data_ptr<acc_t>(), w);
     scalar_t* out_summary = summary.mutable_data_ptr<scalar_t>();
-    for_each_row<acc_t>(p.layout, [&](int64_t s, int64_t h) {
-      acc_t* row = w + (s * H + h) * M;
-      acc_t top = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t i = 0; i < M; ++i) top = std::max(top, row[i]);
-      if (std::isinf(top) && top < 0) top = 0;  // empty sequence: every weight becomes 0
-      acc_t den = 0;
-      for (int64_t i = 0; i < M; ++i) den += (row[i] = std::exp(row[i] - top));
-      const acc_t inv = den > 0 ? acc_t(1) / den : acc_t(0);
-      std::vector<acc_t> acc(D, acc_t(0));
-      for (int64_t i = 0; i < M; ++i) {
-        row[i] *= inv;
-        const acc_t* mean = mu + (s * M + i) * H * D + h * D;
-        for (int64_t d = 0; d < D; ++d) acc[d] += row[i] * mean[d];
-      }
-      for (int64_t d = 0; d < D; ++d) out_summary[(s * H + h) * D + d] = static_cast<scalar_t>(acc[d]);
+    for_each_group(p.layout, 2 * p.layout.row() * x.element_size(), [&](SeqRange seqs) {
+      reduce_chunks<scalar_t, acc_t>(p.layout, seqs, x_c.const_data_ptr<scalar_t>(), nullptr,
+                                     q_c.const_data_ptr<scalar_t>(), query.dim() == 2 ? 0 : H * D, nullptr,
+                                     static_cast<acc_t>(scale), -std::numeric_limits<acc_t>::infinity(),
+                                     means.mutable_data_ptr<acc_t>(), w);
+      for_each_row<acc_t>(p.layout, seqs, [&](int64_t s, int64_t h) {
+        acc_t* row = w + (s * H + h) * M;
+        acc_t top = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t i = 0; i < M; ++i) top = std::max(top, row[i]);
+        if (std::isinf(top) && top < 0) top = 0;  // empty sequence: every weight becomes 0
+        acc_t den = 0;
+        for (int64_t i = 0; i < M; ++i) den += (row[i] = std::exp(row[i] - top));
+        const acc_t inv = den > 0 ? acc_t(1) / den : acc_t(0);
+        std::vector<acc_t> acc(D, acc_t(0));
+        for (int64_t i = 0; i < M; ++i) {
+          row[i] *= inv;
+          const acc_t* mean = mu + (s * M + i) * H * D + h * D;
+          for (int64_t d = 0; d < D; ++d) acc[d] += row[i] * mean[d];
+        }
+        for (int64_t d = 0; d < D; ++d) out_summary[(s * H + h) * D + d] = static_cast<scalar_t>(acc[d]);
+      });
+      scale_chunks<scalar_t, acc_t>(p.layout, seqs, x_c.const_data_ptr<scalar_t>(), w, nullptr,
+                                    y.mutable_data_ptr<scalar_t>());
     });
-    scale_chunks<scalar_t, acc_t>(p.layout, x_c.const_data_ptr<scalar_t>(), w, nullptr, y.mutable_data_ptr<scalar_t>());
   });
   return {y, weights, summary};
 }
@@ -203,6 +237,7 @@ std::tuple<at::Tensor, at::Tensor> chunk_route_bwd_cpu(const at::Tensor& dy, con
               "dsummary must be (S, H, D) in x's dtype, got ", dsummary.sizes());
   const auto acc_opts = x.options().dtype(acc_type(x));
   at::Tensor dx = at::empty(x.sizes(), x.options());
+  advise_huge_pages(dx);
   at::Tensor dquery = at::empty({S, H, D}, acc_opts);
   at::Tensor means = at::empty({S * M, H * D}, acc_opts);
   at::Tensor dw = at::empty({S, H, M}, acc_opts);
@@ -218,33 +253,37 @@ std::tuple<at::Tensor, at::Tensor> chunk_route_bwd_cpu(const at::Tensor& dy, con
     const scalar_t* gsum = dsum_c.const_data_ptr<scalar_t>();
     const int64_t q_stride = query.dim() == 2 ? 0 : H * D;
     acc_t* g = dw.mutable_data_ptr<acc_t>();
-    reduce_chunks<scalar_t, acc_t>(p.layout, x_c.const_data_ptr<scalar_t>(), dy_c.const_data_ptr<scalar_t>(), gsum,
-                                   H * D, dweights_c.const_data_ptr<acc_t>(), acc_t(1), acc_t(0),
-                                   means.mutable_data_ptr<acc_t>(), g);
     acc_t* dq = dquery.mutable_data_ptr<acc_t>();
     acc_t* a = add.mutable_data_ptr<acc_t>();
-    for_each_row<acc_t>(p.layout, [&](int64_t s, int64_t h) {
-      const acc_t* wr = w + (s * H + h) * M;
-      const acc_t* gr = g + (s * H + h) * M;
-      acc_t total = 0;
-      for (int64_t i = 0; i < M; ++i) total += wr[i] * gr[i];
-      acc_t* dqr = dq + (s * H + h) * D;
-      std::fill(dqr, dqr + D, acc_t(0));
-      const scalar_t* qr = q + s * q_stride + h * D;
-      const scalar_t* gs = gsum + (s * H + h) * D;
-      for (int64_t i = 0; i < M; ++i) {
-        const acc_t ds = wr[i] * (gr[i] - total);
-        const acc_t* mean = mu + (s * M + i) * H * D + h * D;
-        for (int64_t d = 0; d < D; ++d) dqr[d] += static_cast<acc_t>(scale) * ds * mean[d];
-        // dmean_i / |chunk i|, the share of every token of chunk i (missing chunks have no tokens).
-        const ChunkSpan sp = p.layout.span(s * M + i);
-        const acc_t inv = sp.count > 0 ? acc_t(1) / static_cast<acc_t>(sp.count) : acc_t(0);
-        acc_t* ar = a + (s * M + i) * H * D + h * D;
-        for (int64_t d = 0; d < D; ++d)
-          ar[d] = (static_cast<acc_t>(scale) * ds * static_cast<acc_t>(qr[d]) + wr[i] * static_cast<acc_t>(gs[d])) * inv;
-      }
+    for_each_group(p.layout, 3 * p.layout.row() * x.element_size(), [&](SeqRange seqs) {
+      reduce_chunks<scalar_t, acc_t>(p.layout, seqs, x_c.const_data_ptr<scalar_t>(), dy_c.const_data_ptr<scalar_t>(),
+                                     gsum, H * D, dweights_c.const_data_ptr<acc_t>(), acc_t(1), acc_t(0),
+                                     means.mutable_data_ptr<acc_t>(), g);
+      for_each_row<acc_t>(p.layout, seqs, [&](int64_t s, int64_t h) {
+        const acc_t* wr = w + (s * H + h) * M;
+        const acc_t* gr = g + (s * H + h) * M;
+        acc_t total = 0;
+        for (int64_t i = 0; i < M; ++i) total += wr[i] * gr[i];
+        acc_t* dqr = dq + (s * H + h) * D;
+        std::fill(dqr, dqr + D, acc_t(0));
+        const scalar_t* qr = q + s * q_stride + h * D;
+        const scalar_t* gs = gsum + (s * H + h) * D;
+        for (int64_t i = 0; i < M; ++i) {
+          const acc_t ds = wr[i] * (gr[i] - total);
+          const acc_t* mean = mu + (s * M + i) * H * D + h * D;
+          for (int64_t d = 0; d < D; ++d) dqr[d] += static_cast<acc_t>(scale) * ds * mean[d];
+          // dmean_i / |chunk i|, the share of every token of chunk i (missing chunks have no tokens).
+          const ChunkSpan sp = p.layout.span(s * M + i);
+          const acc_t inv = sp.count > 0 ? acc_t(1) / static_cast<acc_t>(sp.count) : acc_t(0);
+          acc_t* ar = a + (s * M + i) * H * D + h * D;
+          for (int64_t d = 0; d < D; ++d)
+            ar[d] =
+                (static_cast<acc_t>(scale) * ds * static_cast<acc_t>(qr[d]) + wr[i] * static_cast<acc_t>(gs[d])) * inv;
+        }
+      });
+      scale_chunks<scalar_t, acc_t>(p.layout, seqs, dy_c.const_data_ptr<scalar_t>(), w, a,
+                                    dx.mutable_data_ptr<scalar_t>());
     });
-    scale_chunks<scalar_t, acc_t>(p.layout, dy_c.const_data_ptr<scalar_t>(), w, a, dx.mutable_data_ptr<scalar_t>());
   });
   at::Tensor dq_out = query.dim() == 2 ? dquery.sum(0) : dquery;
   return {dx, dq_out.to(query.scalar_type())};

@@ -19,8 +19,8 @@ inline void check_chunk_route_query(const at::Tensor& query, const at::Tensor& x
   TORCH_CHECK(query.scalar_type() == x.scalar_type(), name, " must have x's dtype ", x.scalar_type(), ", got ",
               query.scalar_type());
   const bool shared = query.dim() == 2;
-  TORCH_CHECK((shared || (query.dim() == 3 && query.size(0) == shape.num_seqs)) &&
-                  query.size(-2) == shape.num_heads && query.size(-1) == shape.head_dim,
+  TORCH_CHECK((shared || (query.dim() == 3 && query.size(0) == shape.num_seqs)) && query.size(-2) == shape.num_heads &&
+                  query.size(-1) == shape.head_dim,
               name, " must be (H, D) or (S, H, D) = (", shape.num_seqs, ", ", shape.num_heads, ", ", shape.head_dim,
               "), got ", query.sizes());
 }
