@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "triton: Triton kernels (interpreter on CPU, compiled on a GPU)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,6 +11,7 @@ from routing_kernels.ops.chunk_mean.reference import chunk_mean_ref
 from routing_kernels.ops.chunk_route.reference import chunk_route_ref
 from shapes import LAYOUT_IDS, LAYOUTS, make, num_seqs
 
+pytestmark = pytest.mark.triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # Kernel vs reference, both accumulating in fp32: the difference is summation order, then the output
@@ -84,3 +85,14 @@ def test_triton_backend_refuses_float64():
     x = torch.randn(1, 8, 2, 4, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="backend='triton' is not available for chunk_route"):
         rk.chunk_route(x, x[0, 0], 4, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_chunk_route_triton_large(dtype):
+    # 2^27 elements (256 MB in bf16) with a varlen batch: grid sizes and int64 offsets at scale.
+    x = torch.randn(2**27 // (16 * 128), 16, 128, device="cuda", dtype=dtype)
+    cu = torch.tensor([0, 1, 40_000, 40_000, x.shape[0]], device="cuda", dtype=torch.int32)
+    query = torch.randn(4, 16, 128, device="cuda", dtype=dtype)
+    outs = [rk.chunk_route(x, query, 1000, cu_seqlens=cu, backend=b) for b in ("triton", "reference")]
+    torch.testing.assert_close(outs[0], outs[1], **TOL[dtype])
