@@ -117,8 +117,8 @@ def test_unavailable_backend_is_a_clear_error():
     x = torch.randn(1, 8, 2, 4)
     with pytest.raises(ValueError, match="backend='cuda' is not available for chunk_mean on cpu"):
         rk.chunk_mean(x, 4, backend="cuda")
-    with pytest.raises(ValueError, match="backend='cpu' is not available for routed_attention"):
-        rk.routed_attention(x, x, x, 4, 2, backend="cpu")
+    with pytest.raises(ValueError, match="backend='cuda' is not available for routed_attention"):
+        rk.routed_attention(x, x, x, 4, 2, backend="cuda")
     with pytest.raises(ValueError, match="backend must be None or one of"):
         rk.chunk_mean(x, 4, backend="fast")
 
@@ -167,7 +167,7 @@ def test_opcheck_backward_ops():
     q4, kv = torch.randn(1, 9, 4, 8), torch.randn(1, 9, 2, 8)
     o, lse = OPS.routed_attention(q4, kv, kv, 3, 2)
     torch.library.opcheck(OPS.routed_attention_backward, (torch.randn_like(o), torch.randn_like(lse), q4, kv, kv, o,
-                                                          3, 2, True, None, None, None))
+                                                          lse, 3, 2, True, None, None, None))
 
 
 def test_compile_fullgraph_forward_and_backward():

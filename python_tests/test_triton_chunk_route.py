@@ -96,3 +96,10 @@ def test_chunk_route_triton_large(dtype):
     query = torch.randn(4, 16, 128, device="cuda", dtype=dtype)
     outs = [rk.chunk_route(x, query, 1000, cu_seqlens=cu, backend=b) for b in ("triton", "reference")]
     torch.testing.assert_close(outs[0], outs[1], **TOL[dtype])
+
+
+def test_nan_poisons_its_softmax_row_only():
+    x = torch.randn(1, 12, 2, 4, device=DEVICE)
+    x[0, 5, 1, 2] = float("nan")
+    y, w, s = rk.chunk_route(x, torch.randn(2, 4, device=DEVICE), 4, backend="triton")
+    assert w[0, 1].isnan().all() and not w[0, 0].isnan().any()

@@ -205,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_route_fwd_cpu(const at::Ten
         if (std::isinf(top) && top < 0) top = 0;  // empty sequence: every weight becomes 0
         acc_t den = 0;
         for (int64_t i = 0; i < M; ++i) den += (row[i] = std::exp(row[i] - top));
-        const acc_t inv = den > 0 ? acc_t(1) / den : acc_t(0);
+        const acc_t inv = den == acc_t(0) ? acc_t(0) : acc_t(1) / den;  // 0: empty sequence; NaN stays NaN
         std::vector<acc_t> acc(D, acc_t(0));
         for (int64_t i = 0; i < M; ++i) {
           row[i] *= inv;

@@ -37,7 +37,7 @@ def softmax_summary_kernel(scores, means, weights, summary, num_chunks, num_head
         b_s = tl.load(scores + p_row + m0 + o_m, mask=m0 + o_m < num_chunks, other=float("-inf"))
         b_den += tl.exp(b_s - row_max)
     den = tl.sum(b_den, axis=0)
-    inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+    inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)  # 0: empty sequence; NaN stays NaN
     b_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for m0 in range(0, num_chunks, BLOCK_M):
         m_m = m0 + o_m < num_chunks

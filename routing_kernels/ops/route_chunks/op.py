@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import _backend
+from ... import _backend, _ext, _triton
 from ..._validation import (check_cu_seqlens_shape, check_cu_seqlens_values, check_heads, check_int,
                             check_same_tokens, check_tensor)
 from .reference import route_chunks_ref
@@ -30,9 +30,16 @@ def check_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen, v=None) -> None:
     check_cu_seqlens_shape(cu_seqlens, max_seqlen, q)
 
 
+def available_backends(q: Tensor, cpp_op: str) -> dict:
+    """Shared with routed_attention: Triton (not fp64) and the C++ kernel registered as ``cpp_op``."""
+    device = q.device.type
+    return {"triton": _triton.can_run(device) and q.dtype != torch.float64,
+            "cpu": device == "cpu" and _ext.has_kernel(cpp_op, "cpu")}
+
+
 def backend_for(q: Tensor) -> str:
-    # Only the reference exists so far; asking for a kernel backend is a clear error, not a silent fallback.
-    return _backend.select("route_chunks", q.device.type, _backend.requested_backend(), {})
+    return _backend.select("route_chunks", q.device.type, _backend.requested_backend(),
+                           available_backends(q, "route_chunks_fwd"))
 
 
 @torch.library.custom_op("routing_kernels::route_chunks", mutates_args=())
@@ -41,7 +48,13 @@ def route_chunks(q: Tensor, k: Tensor, chunk_size: int, top_k: int, causal: bool
     check_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen)
     if q.device.type == "cpu":
         check_cu_seqlens_values(cu_seqlens, max_seqlen, q.shape[0])
-    backend_for(q)
+    backend = backend_for(q)
+    if backend == "triton":
+        from .triton import route_chunks_triton
+        return route_chunks_triton(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
+    if backend == "cpu":
+        n = max_seqlen if cu_seqlens is not None else q.shape[1]
+        return torch.ops.routing_kernels.route_chunks_fwd(q, k, chunk_size, top_k, causal, cu_seqlens, n)
     return route_chunks_ref(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
 
 

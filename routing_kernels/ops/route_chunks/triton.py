@@ -1,0 +1,142 @@
+"""Triton kernel of route_chunks (MoBA's gate), semantics in README.md and reference.py.
+
+Two launches: (1) chunk_mean_fwd (chunk_mean/triton.py) writes the fp32 key means (S, M, Hkv, D), one read
+of k; (2) route_select_kernel, one program per (sequence, block of BLOCK_T query tokens, q head), streams
+the means in blocks of BLOCK_C chunks, computes the gates in registers and keeps a running top-(top_k - 1)
+per query row. The (T, Hq, M) gate matrix never reaches global memory: the means are M * Hkv * D floats
+(L2-resident), the selection state is BLOCK_T x BLOCK_K int64.
+
+Ordering trick: every candidate gets one int64 key that orders exactly like the reference's stable
+descending sort: high bits = the fp32 gate mapped to a monotone unsigned integer (NaN above +inf, -0 == +0),
+low 31 bits = (2^31 - 1 - chunk), so equal gates rank the lower chunk first. Keys are unique, so "the next
+best" is simply "the largest key below the previous pick", and merging a block into the running top-k is
+top_k - 1 max-reductions over (running | block), with no bookkeeping of what was taken.
+Like the reference, ineligible chunks of the sequence compete with gate -inf and are dropped after the
+top-k (this matters only for -inf gates, where the reference can then return fewer chunks).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._triton import next_pow2
+from ..chunk_mean.triton import as_packed, chunk_mean_fwd
+
+_LOW_BITS = 2147483648  # 2^31: the chunk index lives in the low 31 bits of a key
+
+
+@triton.jit
+def _gate_keys(b_g, o_c):
+    """fp32 gates (R, C), chunk ids (C,) -> int64 keys, larger = ranked first (see module docstring)."""
+    b_g = tl.where(b_g == 0.0, 0.0, b_g)  # -0.0 ties with +0.0, as in torch.sort
+    bits = b_g.to(tl.int32, bitcast=True)
+    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order for non-NaN
+    mono = tl.where(b_g != b_g, 0x7FC00000, mono)  # every NaN ranks above +inf (0x7F800000)
+    return (mono.to(tl.int64) + 2147483648) * 2147483648 + (2147483647 - o_c[None, :].to(tl.int64))
+
+
+@triton.jit
+def route_select_kernel(
+    q, means, out, cu_seqlens,
+    stride_qt, stride_qh, stride_ms, stride_mc, stride_mh,
+    chunk_size, top_k, num_others, num_tiles, num_heads, group, head_dim,
+    CAUSAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Per (seq, token block, q head): out[t, h, :top_k] = own chunk + the num_others best eligible chunks,
+    sorted ascending, -1 padded. num_others = min(top_k - 1, M) (more can never be eligible)."""
+    pid = tl.program_id(0).to(tl.int64)
+    i_h = pid % num_heads
+    i_b = (pid // num_heads) % num_tiles
+    i_s = pid // (num_heads * num_tiles)
+    bos = tl.load(cu_seqlens + i_s).to(tl.int64)
+    length = tl.load(cu_seqlens + i_s + 1).to(tl.int64) - bos
+    n_chunks = (length + chunk_size - 1) // chunk_size
+    o_t = i_b * BLOCK_T + tl.arange(0, BLOCK_T)  # positions inside the sequence
+    m_t = o_t < length
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < head_dim
+    own = o_t // chunk_size
+    p_q = q + (bos + o_t[:, None]) * stride_qt + i_h * stride_qh + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    p_mean = means + i_s * stride_ms + (i_h // group) * stride_mh + o_d[None, :]
+
+    o_k = tl.arange(0, BLOCK_K)
+    b_best = tl.full([BLOCK_T, BLOCK_K], -1, dtype=tl.int64)  # sorted descending, -1 = empty slot
+    # Tiles past the sequence end, and top_k == 1, have nothing to rank.
+    c_end = tl.where((num_others > 0) & (i_b * BLOCK_T < length), n_chunks, 0)
+    for c0 in range(0, c_end, BLOCK_C):
+        o_c = c0 + tl.arange(0, BLOCK_C)
+        m_c = o_c < n_chunks
+        b_m = tl.load(p_mean + o_c[:, None] * stride_mc, mask=m_c[:, None] & m_d[None, :], other=0.0)
+        # ieee: the gate must be the fp32 dot product (tf32 would reorder near-ties against the reference)
+        b_g = tl.dot(b_q, tl.trans(b_m), input_precision="ieee")
+        if CAUSAL:
+            eligible = o_c[None, :] < own[:, None]
+        else:
+            eligible = o_c[None, :] != own[:, None]
+        b_g = tl.where(eligible, b_g, float("-inf"))
+        b_key = tl.where(m_c[None, :], _gate_keys(b_g, o_c), -1)
+        # merge: the num_others largest of (running best | this block), largest first
+        b_new = tl.full([BLOCK_T, BLOCK_K], -1, dtype=tl.int64)
+        prev = tl.full([BLOCK_T], 9223372036854775807, dtype=tl.int64)
+        for r in range(0, num_others):
+            a = tl.max(tl.where(b_best < prev[:, None], b_best, -1), axis=1)
+            b = tl.max(tl.where(b_key < prev[:, None], b_key, -1), axis=1)
+            prev = tl.maximum(a, b)
+            b_new = tl.where(o_k[None, :] == r, prev[:, None], b_new)
+        b_best = b_new
+
+    # decode, drop ineligible picks (they only got in with gate -inf), add the own chunk
+    none = 2147483647
+    b_idx = 2147483647 - (b_best % 2147483648)
+    if CAUSAL:
+        keep = (b_best >= 0) & (b_idx < own[:, None])
+    else:
+        keep = (b_best >= 0) & (b_idx != own[:, None])
+    b_idx = tl.where(keep, b_idx, none)
+    # emit ascending: slot r gets the smallest chosen chunk above slot r - 1 (top_k small: O(top_k^2))
+    p_out = out + ((bos + o_t) * num_heads + i_h) * top_k
+    prev = tl.full([BLOCK_T], -1, dtype=tl.int64)
+    for r in range(0, top_k):
+        nxt = tl.min(tl.where(b_idx > prev[:, None], b_idx, none), axis=1)
+        nxt = tl.minimum(nxt, tl.where(own > prev, own, none))
+        tl.store(p_out + r, tl.where(nxt == none, -1, nxt).to(tl.int32), mask=m_t)
+        prev = nxt
+
+
+def route_chunks_triton(q, k, chunk_size, top_k, causal=True, cu_seqlens=None, max_seqlen=None):
+    """Chunk selection of route_chunks (README.md) with Triton.
+
+    Args:
+        q: (B, N, Hq, D) or varlen (T, Hq, D), fp16/bf16/fp32 (fp64 is computed in fp32).
+        k: like q with Hkv heads, Hq a multiple of Hkv (kv head of h is h // (Hq // Hkv)).
+        chunk_size: int >= 1. top_k: int >= 1, chunks per query including its own.
+        causal: bool, default True: only chunks before the own chunk compete.
+        cu_seqlens: optional (S+1,) int32/int64 prefix sums for varlen input; max_seqlen: int with it.
+    Returns:
+        int32 (B, N, Hq, top_k) / (T, Hq, top_k): ascending chunk indices, -1 padding at the end.
+    Example:
+        sel = route_chunks_triton(q, k, 64, 8)                                    # dense
+        sel = route_chunks_triton(q, k, 64, 8, cu_seqlens=cu, max_seqlen=4096)   # varlen
+    Argument checks are the op's job (route_chunks/op.py check_args).
+    """
+    means, _ = chunk_mean_fwd(k, chunk_size, cu_seqlens, max_seqlen)  # (S, M, Hkv, D) fp32
+    qp, cu, max_seqlen = as_packed(q, cu_seqlens, max_seqlen)
+    t, hq, d = qp.shape
+    out = torch.empty(t, hq, top_k, device=q.device, dtype=torch.int32)
+    s, m = cu.numel() - 1, means.shape[1]
+    block_t = 16  # tl.dot needs >= 16 rows; queries of a block share every means load
+    num_tiles = triton.cdiv(max_seqlen, block_t)
+    if t == 0 or s * num_tiles * hq == 0:
+        return out.reshape(*q.shape[:-1], top_k)
+    num_others = min(top_k - 1, m)
+    block_d = max(16, next_pow2(d))
+    block_c = max(16, min(next_pow2(m), 4096 // block_d))
+    route_select_kernel[(s * num_tiles * hq,)](
+        qp, means, out, cu, qp.stride(0), qp.stride(1), means.stride(0), means.stride(1), means.stride(2),
+        chunk_size, top_k, num_others, num_tiles, hq, hq // k.shape[-2], d,
+        CAUSAL=bool(causal), BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_K=max(1, next_pow2(num_others)),
+        BLOCK_D=block_d, num_warps=4)
+    return out.reshape(*q.shape[:-1], top_k)

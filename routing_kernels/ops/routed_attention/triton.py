@@ -1,0 +1,353 @@
+"""Triton kernels of routed_attention (MoBA), forward and backward; maths in README.md.
+
+Design: query-tile centric, chosen because every query row carries its own selection and this is the
+simplest layout that stays exact and deterministic (no atomics, no partial-result merge):
+
+- Forward, one program per (sequence, tile of BLOCK_M queries, q head). It loads the tile's selection
+  (BLOCK_M x top_k int32, from route_chunks_triton) and walks the chunks j the tile can see (up to the
+  tile's last chunk when causal, all chunks otherwise). A chunk no row of the tile selected costs one
+  BLOCK_M x BLOCK_K compare and is skipped; a selected chunk is streamed in BLOCK_N key blocks with the
+  flash online softmax, masking per row (row selected j, and key <= query when causal).
+- Backward dq: the same walk per query tile, recomputing P from the saved lse.
+- Backward dk/dv: one program per (sequence, kv head, chunk, BLOCK_N slice of the chunk). It loops over the
+  group's q heads and the query tiles that can see the slice, skips tiles where no row selected the chunk,
+  and accumulates dK, dV in registers; each output element has one writer, so the result is deterministic.
+
+Cost: the work of a tile is the UNION of its rows' selected chunks. Queries of one chunk often route alike,
+but when they do not, a tile of BLOCK_M rows can touch up to min(M, BLOCK_M * (top_k - 1) + 1) chunks and
+drift toward dense attention; BLOCK_M = 16 keeps the union small (at the price of smaller MMA tiles). The
+alternative (gather queries per chunk by counting sort, then merge the per-chunk partials by lse) does
+exactly the selected work but needs two extra passes and a workspace; it is the natural next step if the
+union overhead shows up in benchmarks. Key blocks never straddle chunks, so chunk_size < BLOCK_N (16) wastes
+part of each key block. Skipping costs M * BLOCK_M * top_k int compares per tile (negligible next to the
+BLOCK_M * chunk_size * D MACs of one selected chunk).
+
+Precision: fp32 accumulation everywhere; for fp32 inputs the dots use input_precision="ieee" (exact fp32;
+the GPU default tf32 would cost ~1e-3 relative), for fp16/bf16 P and dS are rounded to the input dtype
+before their dot, as flash attention does.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._triton import next_pow2
+from ..chunk_mean.triton import as_packed
+from ..route_chunks.triton import route_chunks_triton
+
+BLOCK_M = 16  # query rows per tile (tl.dot needs >= 16)
+
+
+@triton.jit
+def _query_tile(cu_seqlens, num_tiles, num_heads, BLOCK_M: tl.constexpr):
+    """(seq, q head, first token of the sequence, its length, positions (BLOCK_M,), their mask)."""
+    pid = tl.program_id(0).to(tl.int64)
+    i_h = pid % num_heads
+    i_m = (pid // num_heads) % num_tiles
+    i_s = pid // (num_heads * num_tiles)
+    bos = tl.load(cu_seqlens + i_s).to(tl.int64)
+    length = tl.load(cu_seqlens + i_s + 1).to(tl.int64) - bos
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return i_s, i_h, bos, length, o_m, o_m < length
+
+
+@triton.jit
+def _chunk_range(o_m, length, chunk_size, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Chunks a query tile may attend to: [0, end), and keys past `last` are never visible."""
+    last = tl.minimum(tl.max(o_m, axis=0), length - 1)  # last query of the tile (-1 past the end)
+    if CAUSAL:
+        end = tl.where(last >= 0, last // chunk_size + 1, 0)
+    else:
+        end = tl.where(last >= 0, (length + chunk_size - 1) // chunk_size, 0)
+    return last, end
+
+
+@triton.jit
+def _scores(b_q, k, bos, o_n, m_n, i_kh, stride_kt, stride_kh, o_d, m_d, o_m, b_rows, scale,
+            CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Scaled scores (BLOCK_M, BLOCK_N) of a key block, -inf where a row may not see a key; and K."""
+    p_k = k + (bos + o_n[:, None]) * stride_kt + i_kh * stride_kh + o_d[None, :]
+    b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale
+    mask = b_rows[:, None] & m_n[None, :]
+    if CAUSAL:
+        mask = mask & (o_n[None, :] <= o_m[:, None])
+    return tl.where(mask, b_s, float("-inf")), b_k
+
+
+@triton.jit
+def routed_fwd_kernel(
+    q, k, v, sel, o, lse, cu_seqlens,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    chunk_size, top_k, num_tiles, num_heads, group, head_dim, head_dim_v, scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """o, lse of a (seq, query tile, q head): flash online softmax over the tile's selected chunks."""
+    i_s, i_h, bos, length, o_m, m_m = _query_tile(cu_seqlens, num_tiles, num_heads, BLOCK_M)
+    i_kh = i_h // group
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < head_dim
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_dv = o_dv < head_dim_v
+    o_k = tl.arange(0, BLOCK_K)
+    b_q = tl.load(q + (bos + o_m[:, None]) * stride_qt + i_h * stride_qh + o_d[None, :],
+                  mask=m_m[:, None] & m_d[None, :], other=0.0)
+    p_sel = sel + ((bos + o_m[:, None]) * num_heads + i_h) * top_k + o_k[None, :]
+    b_sel = tl.load(p_sel, mask=m_m[:, None] & (o_k[None, :] < top_k), other=-1)
+    b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    last, end = _chunk_range(o_m, length, chunk_size, CAUSAL, BLOCK_M)
+    for j in range(0, end):
+        b_rows = tl.max(tl.where(b_sel == j, 1, 0), axis=1) > 0
+        if tl.max(b_rows.to(tl.int32), axis=0) > 0:  # some row of the tile selected chunk j
+            k_end = tl.minimum((j + 1) * chunk_size, length)
+            if CAUSAL:
+                k_end = tl.minimum(k_end, last + 1)
+            for n0 in range(j * chunk_size, k_end, BLOCK_N):
+                o_n = n0 + tl.arange(0, BLOCK_N)
+                m_n = o_n < k_end
+                b_s, b_k = _scores(b_q, k, bos, o_n, m_n, i_kh, stride_kt, stride_kh, o_d, m_d, o_m, b_rows,
+                                   scale, CAUSAL, DOT_PREC)
+                b_new = tl.maximum(b_max, tl.max(b_s, axis=1))
+                b_ref = tl.where(b_new == float("-inf"), 0.0, b_new)  # rows with nothing yet: exp(-inf) = 0
+                b_p = tl.exp(b_s - b_ref[:, None])
+                b_alpha = tl.exp(b_max - b_ref)
+                p_v = v + (bos + o_n[:, None]) * stride_vt + i_kh * stride_vh + o_dv[None, :]
+                b_v = tl.load(p_v, mask=m_n[:, None] & m_dv[None, :], other=0.0)
+                b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
+                b_sum = b_sum * b_alpha + tl.sum(b_p, axis=1)
+                b_max = b_new
+    # the own chunk is always selected, so b_sum > 0 on every real row
+    b_sum = tl.where(m_m, b_sum, 1.0)
+    b_o = b_acc / b_sum[:, None]
+    p_o = o + (bos + o_m[:, None]) * stride_ot + i_h * stride_oh + o_dv[None, :]
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None] & m_dv[None, :])
+    tl.store(lse + (bos + o_m) * num_heads + i_h, b_max + tl.log(b_sum), mask=m_m)
+
+
+@triton.jit
+def routed_bwd_dq_kernel(
+    q, k, v, sel, do, lse, delta, dq, cu_seqlens,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
+    chunk_size, top_k, num_tiles, num_heads, group, head_dim, head_dim_v, scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dq of a (seq, query tile, q head) = scale * sum over selected keys of P * (dP - delta) * k."""
+    i_s, i_h, bos, length, o_m, m_m = _query_tile(cu_seqlens, num_tiles, num_heads, BLOCK_M)
+    i_kh = i_h // group
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < head_dim
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_dv = o_dv < head_dim_v
+    o_k = tl.arange(0, BLOCK_K)
+    b_q = tl.load(q + (bos + o_m[:, None]) * stride_qt + i_h * stride_qh + o_d[None, :],
+                  mask=m_m[:, None] & m_d[None, :], other=0.0)
+    b_do = tl.load(do + (bos + o_m[:, None]) * stride_dot + i_h * stride_doh + o_dv[None, :],
+                   mask=m_m[:, None] & m_dv[None, :], other=0.0)
+    p_row = (bos + o_m) * num_heads + i_h
+    b_lse = tl.load(lse + p_row, mask=m_m, other=0.0)
+    b_delta = tl.load(delta + p_row, mask=m_m, other=0.0)
+    b_sel = tl.load(sel + p_row[:, None] * top_k + o_k[None, :], mask=m_m[:, None] & (o_k[None, :] < top_k),
+                    other=-1)
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    last, end = _chunk_range(o_m, length, chunk_size, CAUSAL, BLOCK_M)
+    for j in range(0, end):
+        b_rows = tl.max(tl.where(b_sel == j, 1, 0), axis=1) > 0
+        if tl.max(b_rows.to(tl.int32), axis=0) > 0:
+            k_end = tl.minimum((j + 1) * chunk_size, length)
+            if CAUSAL:
+                k_end = tl.minimum(k_end, last + 1)
+            for n0 in range(j * chunk_size, k_end, BLOCK_N):
+                o_n = n0 + tl.arange(0, BLOCK_N)
+                m_n = o_n < k_end
+                b_s, b_k = _scores(b_q, k, bos, o_n, m_n, i_kh, stride_kt, stride_kh, o_d, m_d, o_m, b_rows,
+                                   scale, CAUSAL, DOT_PREC)
+                b_p = tl.exp(b_s - b_lse[:, None])  # masked scores are -inf: p = 0
+                p_v = v + (bos + o_n[:, None]) * stride_vt + i_kh * stride_vh + o_dv[None, :]
+                b_v = tl.load(p_v, mask=m_n[:, None] & m_dv[None, :], other=0.0)
+                b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
+                b_ds = b_p * (b_dp - b_delta[:, None])
+                b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PREC)
+    p_dq = dq + (bos + o_m[:, None]) * stride_dqt + i_h * stride_dqh + o_d[None, :]
+    tl.store(p_dq, (scale * b_dq).to(dq.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+
+
+@triton.jit
+def routed_bwd_dkv_kernel(
+    q, k, v, sel, do, lse, delta, dk, dv, cu_seqlens,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    chunk_size, top_k, num_chunks, num_slices, num_heads, num_kv_heads, head_dim, head_dim_v, scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dk, dv of a (seq, kv head, chunk, BLOCK_N slice): sums over the group's q heads and every query
+    tile with a row that selected the chunk. One writer per element: deterministic, no atomics."""
+    pid = tl.program_id(0).to(tl.int64)
+    i_kh = pid % num_kv_heads
+    i_j = (pid // num_kv_heads) % num_slices
+    i_c = (pid // (num_kv_heads * num_slices)) % num_chunks
+    i_s = pid // (num_kv_heads * num_slices * num_chunks)
+    bos = tl.load(cu_seqlens + i_s).to(tl.int64)
+    length = tl.load(cu_seqlens + i_s + 1).to(tl.int64) - bos
+    group = num_heads // num_kv_heads
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < head_dim
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_dv = o_dv < head_dim_v
+    o_k = tl.arange(0, BLOCK_K)
+    n0 = i_c * chunk_size + i_j * BLOCK_N
+    o_n = n0 + tl.arange(0, BLOCK_N)
+    m_n = (o_n < tl.minimum((i_c + 1) * chunk_size, length))
+    b_k = tl.load(k + (bos + o_n[:, None]) * stride_kt + i_kh * stride_kh + o_d[None, :],
+                  mask=m_n[:, None] & m_d[None, :], other=0.0)
+    b_v = tl.load(v + (bos + o_n[:, None]) * stride_vt + i_kh * stride_vh + o_dv[None, :],
+                  mask=m_n[:, None] & m_dv[None, :], other=0.0)
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    # causal: queries before the slice's first key never see it; an empty slice (n0 >= length) loops 0 times
+    if CAUSAL:
+        m_lo = (n0 // BLOCK_M) * BLOCK_M
+    else:
+        m_lo = 0
+    m_end = tl.where(n0 < length, length, 0)
+    for i_g in range(0, group):
+        i_h = i_kh * group + i_g
+        for m0 in range(m_lo, m_end, BLOCK_M):
+            o_m = m0 + tl.arange(0, BLOCK_M)
+            m_m = o_m < length
+            p_row = (bos + o_m) * num_heads + i_h
+            b_sel = tl.load(sel + p_row[:, None] * top_k + o_k[None, :],
+                            mask=m_m[:, None] & (o_k[None, :] < top_k), other=-1)
+            b_rows = tl.max(tl.where(b_sel == i_c, 1, 0), axis=1) > 0
+            if tl.max(b_rows.to(tl.int32), axis=0) > 0:
+                b_q = tl.load(q + (bos + o_m[:, None]) * stride_qt + i_h * stride_qh + o_d[None, :],
+                              mask=m_m[:, None] & m_d[None, :], other=0.0)
+                b_do = tl.load(do + (bos + o_m[:, None]) * stride_dot + i_h * stride_doh + o_dv[None, :],
+                               mask=m_m[:, None] & m_dv[None, :], other=0.0)
+                b_lse = tl.load(lse + p_row, mask=m_m, other=0.0)
+                b_delta = tl.load(delta + p_row, mask=m_m, other=0.0)
+                b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale
+                mask = b_rows[:, None] & m_n[None, :]
+                if CAUSAL:
+                    mask = mask & (o_n[None, :] <= o_m[:, None])
+                b_p = tl.where(mask, tl.exp(b_s - b_lse[:, None]), 0.0)
+                b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=DOT_PREC)
+                b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
+                b_ds = b_p * (b_dp - b_delta[:, None])
+                b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=DOT_PREC)
+    p_dk = dk + (bos + o_n[:, None]) * stride_dkt + i_kh * stride_dkh + o_d[None, :]
+    tl.store(p_dk, (scale * b_dk).to(dk.dtype.element_ty), mask=m_n[:, None] & m_d[None, :])
+    p_dv = dv + (bos + o_n[:, None]) * stride_dvt + i_kh * stride_dvh + o_dv[None, :]
+    tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_n[:, None] & m_dv[None, :])
+
+
+def _blocks(q, v, chunk_size, top_k):
+    """Constexpr tile sizes: D, Dv padded to powers of 2 (>= 16, tl.dot's minimum), key blocks inside a
+    chunk, and the fp32 dot precision (ieee = exact fp32; tf32 is ignored for 16-bit inputs)."""
+    return dict(
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=max(16, min(next_pow2(chunk_size), 64)),
+        BLOCK_K=next_pow2(top_k),
+        BLOCK_D=max(16, next_pow2(q.shape[-1])),
+        BLOCK_DV=max(16, next_pow2(v.shape[-1])),
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def routed_attention_fwd_triton(q, k, v, chunk_size, top_k, causal=True, cu_seqlens=None, max_seqlen=None,
+                                scale=None):
+    """Routed (MoBA) attention forward with Triton: each query attends to the chunks route_chunks selects.
+
+    Args:
+        q: (B, N, Hq, D) or varlen (T, Hq, D), fp16/bf16/fp32. k: like q with Hkv heads (Hq % Hkv == 0).
+        v: (.., Hkv, Dv), same dtype. chunk_size, top_k: ints >= 1 (top_k counts the own chunk).
+        causal: bool, default True. cu_seqlens: optional (S+1,) int32/int64; max_seqlen: int with it.
+        scale: float, default D ** -0.5.
+    Returns:
+        o: (.., Hq, Dv) in q.dtype; lse: (.., Hq) fp32 (fp64 for fp64 inputs; the kernel computes in fp32),
+        natural-log log-sum-exp of the scaled scores.
+    Example:
+        o, lse = routed_attention_fwd_triton(q, k, v, 64, 8)
+        o, lse = routed_attention_fwd_triton(q, k, v, 64, 8, cu_seqlens=cu, max_seqlen=4096)
+    Argument checks are the op's job (routed_attention/op.py check_args).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    sel = route_chunks_triton(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
+    qp, cu, max_seqlen = as_packed(q, cu_seqlens, max_seqlen)
+    kp, _, _ = as_packed(k, cu_seqlens, max_seqlen)
+    vp, _, _ = as_packed(v, cu_seqlens, max_seqlen)
+    t, hq, d = qp.shape
+    hkv, dv = kp.shape[1], vp.shape[2]
+    o = torch.empty(t, hq, dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(t, hq, device=q.device, dtype=torch.float32)
+    num_tiles = triton.cdiv(max_seqlen, BLOCK_M)
+    grid = (cu.numel() - 1) * num_tiles * hq
+    if t and grid:
+        routed_fwd_kernel[(grid,)](
+            qp, kp, vp, sel.reshape(t, hq, top_k), o, lse, cu,
+            qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
+            o.stride(0), o.stride(1), chunk_size, top_k, num_tiles, hq, hq // hkv, d, dv, scale,
+            CAUSAL=bool(causal), **_blocks(q, v, chunk_size, top_k), num_warps=4)
+    return o.reshape(*q.shape[:-1], dv), lse.to(_lse_dtype(q.dtype)).reshape(q.shape[:-1])
+
+
+def routed_attention_bwd_triton(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal=True, cu_seqlens=None,
+                                max_seqlen=None, scale=None):
+    """Gradients of routed_attention_fwd_triton (README.md "Backward"); the selection is recomputed.
+
+    Args:
+        do: like o (.., Hq, Dv); dlse: like lse (.., Hq) (any float dtype, may be stride-0 expanded);
+        q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale: as in the forward;
+        o: the forward output; lse: the forward lse.
+    Returns:
+        (dq like q, dk like k, dv like v), in the input dtype; dk, dv summed over a kv group's q heads.
+        Deterministic: no atomics (dk/dv programs own their key slice).
+    Example:
+        dq, dk, dv = routed_attention_bwd_triton(do, dlse, q, k, v, o, lse, 64, 8, cu_seqlens=cu, max_seqlen=4096)
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    sel = route_chunks_triton(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
+    qp, cu, max_seqlen = as_packed(q, cu_seqlens, max_seqlen)
+    kp, _, _ = as_packed(k, cu_seqlens, max_seqlen)
+    vp, _, _ = as_packed(v, cu_seqlens, max_seqlen)
+    dop, _, _ = as_packed(do, cu_seqlens, max_seqlen)
+    op_, _, _ = as_packed(o, cu_seqlens, max_seqlen)
+    t, hq, d = qp.shape
+    hkv, dv_dim = kp.shape[1], vp.shape[2]
+    # delta_t = <dO_t, O_t> - dlse_t, (T, Hq) fp32: O(T * Hq * Dv), done once instead of per key slice
+    delta = ((dop.float() * op_.float()).sum(-1) - dlse.reshape(t, hq).float()).contiguous()
+    lse_p = lse.reshape(t, hq).float().contiguous()
+    sel = sel.reshape(t, hq, top_k)
+    dq = torch.empty(qp.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(kp.shape, device=q.device, dtype=k.dtype)
+    dv = torch.empty(vp.shape, device=q.device, dtype=v.dtype)
+    s = cu.numel() - 1
+    num_tiles = triton.cdiv(max_seqlen, BLOCK_M)
+    blocks = _blocks(q, v, chunk_size, top_k)
+    if t and s * num_tiles * hq:
+        common = (chunk_size, top_k)
+        routed_bwd_dq_kernel[(s * num_tiles * hq,)](
+            qp, kp, vp, sel, dop, lse_p, delta, dq, cu,
+            qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
+            dop.stride(0), dop.stride(1), dq.stride(0), dq.stride(1),
+            *common, num_tiles, hq, hq // hkv, d, dv_dim, scale,
+            CAUSAL=bool(causal), **blocks, num_warps=4)
+        num_chunks = triton.cdiv(max_seqlen, chunk_size)
+        num_slices = triton.cdiv(chunk_size, blocks["BLOCK_N"])
+        routed_bwd_dkv_kernel[(s * num_chunks * num_slices * hkv,)](
+            qp, kp, vp, sel, dop, lse_p, delta, dk, dv, cu,
+            qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
+            dop.stride(0), dop.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            *common, num_chunks, num_slices, hq, hkv, d, dv_dim, scale,
+            CAUSAL=bool(causal), **blocks, num_warps=4)
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
