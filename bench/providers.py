@@ -1,11 +1,7 @@
 """Providers: name -> builder(case) -> callable(*inputs).
 
 Baselines come from the package's own eager references, never re-implemented here.
-Adding a provider is one function and one line in PROVIDERS, e.g. SDPA later:
-
-    def _sdpa(case):
-        return lambda q, k, v: ...
-    PROVIDERS["sdpa"] = Provider(_sdpa, applies=lambda c: c.op == "routed_attention")
+Adding a provider is one function and one line in PROVIDERS (see _sdpa).
 """
 from __future__ import annotations
 
@@ -57,10 +53,44 @@ def _reference_fits(case) -> bool:
     return case.ref_ok
 
 
+def _is_attention(case) -> bool:
+    return case.op == "routed_attention"
+
+
+def _sdpa(case):
+    """Dense causal attention, torch's best SDPA backend for the device: what routing must beat."""
+    def run(q, k, v):
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            enable_gqa=q.shape[2] != k.shape[2])
+        return o.transpose(1, 2)
+    return run
+
+
+def _flex(case):
+    """FlexAttention over a block mask built from our route_chunks indices, timing the selection and the
+    mask construction too (a user rebuilds both per layer)."""
+    import routing_kernels
+    from routing_kernels.ops.routed_attention.flex import flex_routed_attention, routed_block_mask
+    from torch.nn.attention.flex_attention import flex_attention
+
+    attention = torch.compile(flex_attention, dynamic=False)
+    kwargs = case.call_kwargs()
+
+    def run(q, k, v):
+        with torch.no_grad():
+            idx = routing_kernels.route_chunks(q, k, kwargs["chunk_size"], kwargs["top_k"], causal=kwargs["causal"])
+            mask = routed_block_mask(idx, kwargs["chunk_size"], kwargs["causal"], compile_mask=q.is_cuda)
+        return flex_routed_attention(q, k, v, mask, attention=attention)
+    return run
+
+
 PROVIDERS = {
     "eager": Provider(_eager, _reference_fits),
     "compile": Provider(_compiled, _reference_fits),
     "ours": Provider(_public(None)),
+    "sdpa": Provider(_sdpa, _is_attention),
+    "flex": Provider(_flex, _is_attention),
     # explicit backends, not in the default set: compare kernels of the same op side by side
     "triton": Provider(_public("triton")),
     "cuda": Provider(_public("cuda")),
@@ -72,5 +102,5 @@ def default_providers(device: str, quick: bool) -> list:
     # torch.compile of four ops (forward and training graphs) takes minutes on a 2-core CPU,
     # which does not fit a seconds-long smoke run: quick mode leaves it out unless asked for.
     if quick:
-        return ["eager", "ours"]
-    return ["eager", "compile", "ours"]
+        return ["eager", "ours", "sdpa"]
+    return ["eager", "compile", "ours", "sdpa", "flex"]

@@ -9,26 +9,14 @@ import torch
 
 import routing_kernels as rk
 
-flex = pytest.importorskip("torch.nn.attention.flex_attention")
+pytest.importorskip("torch.nn.attention.flex_attention")
+from routing_kernels.ops.routed_attention.flex import flex_routed_attention, routed_block_mask  # noqa: E402
 
 
 def flex_routed(q, k, v, idx, chunk_size, causal):
-    """q (B, N, Hq, D), k/v (B, N, Hkv, D), idx (B, N, Hq, top_k) -> (B, N, Hq, D)."""
-    b, n, hq, _ = q.shape
-    m = -(-n // chunk_size)
-    table = torch.zeros(b, hq, n, m + 1, dtype=torch.bool)
-    table.scatter_(-1, idx.permute(0, 2, 1, 3).long().masked_fill(idx.permute(0, 2, 1, 3) < 0, m), True)
-
-    def mask_mod(bi, h, qi, kv):
-        keep = table[bi, h, qi, kv // chunk_size]
-        return keep & (kv <= qi) if causal else keep
-
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mask = flex.create_block_mask(mask_mod, b, hq, n, n, device="cpu", BLOCK_SIZE=chunk_size)
-        o = flex.flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
-                                enable_gqa=hq != k.shape[2])
-    return o.transpose(1, 2)
+        warnings.simplefilter("ignore")  # flex_attention warns when run eagerly
+        return flex_routed_attention(q, k, v, routed_block_mask(idx, chunk_size, causal))
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
