@@ -13,4 +13,16 @@ TORCH_LIBRARY_FRAGMENT(routing_kernels, m) {
   m.def(
       "chunk_route_bwd(Tensor dy, Tensor dweights, Tensor dsummary, Tensor x, Tensor query, Tensor weights,"
       " int chunk_size, Tensor? cu_seqlens, int max_seqlen, float scale) -> (Tensor, Tensor)");
+  // MoBA-style routed attention: the chunk selection, forward and backward; see
+  // include/routing_kernels/routed_attention.h.
+  m.def(
+      "route_chunks_fwd(Tensor q, Tensor k, int chunk_size, int top_k, bool causal, Tensor? cu_seqlens,"
+      " int max_seqlen) -> Tensor");
+  m.def(
+      "routed_attention_fwd(Tensor q, Tensor k, Tensor v, int chunk_size, int top_k, bool causal,"
+      " Tensor? cu_seqlens, int max_seqlen, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "routed_attention_bwd(Tensor do, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse,"
+      " int chunk_size, int top_k, bool causal, Tensor? cu_seqlens, int max_seqlen, float scale)"
+      " -> (Tensor, Tensor, Tensor)");
 }

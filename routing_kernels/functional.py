@@ -2,7 +2,8 @@
 
 ``backend``: None picks the fastest implementation available for the tensors' device; "reference" runs
 the eager PyTorch reference (autograd by PyTorch itself); "cpu", "cuda", "triton" ask for that kernel
-and raise ValueError when it is not available for the op, device or shape.
+and raise ValueError when it is not available for the op, device or dtype. The order None tries is in
+``_backend.PREFERENCE``: CUDA tensors Triton then CUDA C++; CPU tensors the C++ kernel; else the reference.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def chunk_mean(x: Tensor, chunk_size: int, *, cu_seqlens: Optional[Tensor] = Non
         chunk_size: tokens per chunk, >= 1. Chunk i covers [i*chunk_size, min((i+1)*chunk_size, L)).
         cu_seqlens: optional int32 (S+1,) sequence offsets into T: starts at 0, non-decreasing, ends at T.
         max_seqlen: longest sequence length; computed from cu_seqlens when None (a device sync).
-        backend: None, "reference", "cpu" or "cuda" (see module docstring).
+        backend: None, "reference", "triton" (not fp64), "cpu" or "cuda" (see module docstring).
     Returns:
         (B, M, H, D) with M = ceil(N / chunk_size), or (S, M_max, H, D) for varlen with zeros where a
         sequence has no such chunk; x's dtype, accumulated in fp32 (fp64 for fp64).
@@ -93,7 +94,7 @@ def chunk_route(x: Tensor, query: Tensor, chunk_size: int, *, cu_seqlens: Option
         chunk_size: tokens per chunk, >= 1.
         cu_seqlens, max_seqlen: varlen layout, as in :func:`chunk_mean`.
         scale: score scale, default D ** -0.5.
-        backend: None or "reference" (kernels land with the chunk_route issue).
+        backend: None, "reference", "triton" (not fp64), "cpu" or "cuda" (see module docstring).
     Returns:
         ChunkRouteOutput(y like x, weights (B|S, H, M) fp32 (fp64 for fp64 x; 0 beyond a sequence's
         chunks, all 0 for an empty sequence), summary (B|S, H, D) in x's dtype).
@@ -127,7 +128,7 @@ def route_chunks(q: Tensor, k: Tensor, chunk_size: int, top_k: int, *, causal: b
         chunk_size: >= 1.  top_k: chunks per token including the own one, >= 1 (may exceed M).
         causal: restrict to past chunks (default True).
         cu_seqlens, max_seqlen: varlen layout, as in :func:`chunk_mean`.
-        backend: None or "reference".
+        backend: None, "reference", "triton" (not fp64) or "cpu".
     Returns:
         int32 (B, N, Hq, top_k) / (T, Hq, top_k): chunk indices within the sequence, sorted ascending,
         padded with -1 at the end when fewer chunks are eligible. Not differentiable.
@@ -163,7 +164,7 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: in
         cu_seqlens, max_seqlen: varlen layout, as in :func:`chunk_mean`.
         scale: softmax scale, default D ** -0.5.
         return_lse: also return the log-sum-exp of the scaled scores, (B, N, Hq) / (T, Hq) fp32.
-        backend: None or "reference".
+        backend: None, "reference", "triton" (not fp64) or "cpu".
     Returns:
         o (.., Hq, Dv) in q's dtype, or (o, lse) when return_lse.
     Raises:
