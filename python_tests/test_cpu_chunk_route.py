@@ -72,3 +72,13 @@ def test_cpu_kernel_rejects_bad_input_with_named_argument():
     with pytest.raises(RuntimeError, match="cu_seqlens"):
         torch.ops.routing_kernels.chunk_route_fwd(x[0], torch.randn(3, 4), 4, torch.tensor([0, 9], dtype=torch.int32),
                                                   9, 1.0)
+
+
+@pytest.mark.parametrize("layout", [{"lengths": [70_000, 5, 0, 3_000]}, {"B": 2, "N": 70_000}], ids=["varlen", "dense"])
+def test_cpu_kernel_cache_groups_with_long_sequences(layout):
+    # 70K tokens x 4 heads x 16 dims in fp32 pass the kernel's 16 MB cache budget: such a sequence is a
+    # group of its own, while the short ones are grouped together.
+    x, cu, ms = make(layout, heads=4, dim=16)
+    query = torch.randn(num_seqs(layout), 4, 16)
+    got, want = _run(x, query, 100, cu, ms, "cpu"), _run(x, query, 100, cu, ms, "reference")
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
