@@ -172,7 +172,6 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& query, int64_t chunk_siz
   return p;
 }
 
-at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_route_fwd_cpu(const at::Tensor& x, const at::Tensor& query,
                                                                    int64_t chunk_size,
@@ -181,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_route_fwd_cpu(const at::Ten
   const Prepared p = prepare(x, query, chunk_size, cu_seqlens, max_seqlen);
   const ChunkMeanShape& sh = p.layout.shape;
   const int64_t S = sh.num_seqs, M = sh.num_chunks, H = sh.num_heads, D = sh.head_dim;
-  const auto acc_opts = x.options().dtype(acc_type(x));
+  const auto acc_opts = x.options().dtype(accum_type(x));
   at::Tensor y = at::empty(x.sizes(), x.options());
   advise_huge_pages(y);
   at::Tensor weights = at::empty({S, H, M}, acc_opts);
@@ -229,13 +228,8 @@ std::tuple<at::Tensor, at::Tensor> chunk_route_bwd_cpu(const at::Tensor& dy, con
   const Prepared p = prepare(x, query, chunk_size, cu_seqlens, max_seqlen);
   const ChunkMeanShape& sh = p.layout.shape;
   const int64_t S = sh.num_seqs, M = sh.num_chunks, H = sh.num_heads, D = sh.head_dim;
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "dy must match x, got ", dy.sizes());
-  TORCH_CHECK(weights.sizes() == at::IntArrayRef({S, H, M}) && weights.scalar_type() == acc_type(x),
-              "weights must be (S, H, M) = (", S, ", ", H, ", ", M, ") in ", acc_type(x), ", got ", weights.sizes());
-  TORCH_CHECK(dweights.sizes() == weights.sizes(), "dweights must match weights, got ", dweights.sizes());
-  TORCH_CHECK(dsummary.sizes() == at::IntArrayRef({S, H, D}) && dsummary.scalar_type() == x.scalar_type(),
-              "dsummary must be (S, H, D) in x's dtype, got ", dsummary.sizes());
-  const auto acc_opts = x.options().dtype(acc_type(x));
+  check_chunk_route_grads(dy, dweights, dsummary, weights, x, sh);
+  const auto acc_opts = x.options().dtype(accum_type(x));
   at::Tensor dx = at::empty(x.sizes(), x.options());
   advise_huge_pages(dx);
   at::Tensor dquery = at::empty({S, H, D}, acc_opts);
@@ -244,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> chunk_route_bwd_cpu(const at::Tensor& dy, con
   at::Tensor add = at::empty({S * M, H * D}, acc_opts);  // per-chunk row added to every token's dx
   const at::Tensor x_c = x.contiguous(), dy_c = dy.contiguous(), q_c = query.contiguous();
   const at::Tensor w_c = weights.contiguous(), dsum_c = dsummary.contiguous();
-  const at::Tensor dweights_c = dweights.to(acc_type(x)).contiguous();
+  const at::Tensor dweights_c = dweights.to(accum_type(x)).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "chunk_route_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* w = w_c.const_data_ptr<acc_t>();

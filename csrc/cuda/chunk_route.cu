@@ -135,7 +135,6 @@ void launch_scale(const ChunkMeanShape& sh, const Geometry& g, const scalar_t* s
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 ChunkMeanShape prepare(const at::Tensor& x, const at::Tensor& query, int64_t chunk_size,
                        const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
@@ -153,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_route_fwd_cuda(const at::Te
   const ChunkMeanShape sh = prepare(x, query, chunk_size, cu_seqlens, max_seqlen);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t S = sh.num_seqs, M = sh.num_chunks, H = sh.num_heads, D = sh.head_dim;
-  const auto acc_opts = x.options().dtype(acc_type(x));
+  const auto acc_opts = x.options().dtype(accum_type(x));
   at::Tensor y = at::empty(x.sizes(), x.options());
   at::Tensor weights = at::empty({S, H, M}, acc_opts);
   at::Tensor summary = at::empty({S, H, D}, x.options());
@@ -207,20 +206,9 @@ std::tuple<at::Tensor, at::Tensor> chunk_route_bwd_cuda(const at::Tensor& dy, co
                                                         int64_t max_seqlen, double scale) {
   const ChunkMeanShape sh = prepare(x, query, chunk_size, cu_seqlens, max_seqlen);
   const int64_t S = sh.num_seqs, M = sh.num_chunks, H = sh.num_heads, D = sh.head_dim;
-  // The gradients' shapes, as the CPU kernel checks them; devices too, since a CPU tensor among CUDA ones
-  // would still dispatch here.
-  check_same_device(dy, x, "dy", "x");
-  check_same_device(dweights, x, "dweights", "x");
-  check_same_device(dsummary, x, "dsummary", "x");
-  check_same_device(weights, x, "weights", "x");
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "dy must match x, got ", dy.sizes());
-  TORCH_CHECK(weights.sizes() == at::IntArrayRef({S, H, M}) && weights.scalar_type() == acc_type(x),
-              "weights must be (S, H, M) = (", S, ", ", H, ", ", M, ") in ", acc_type(x), ", got ", weights.sizes());
-  TORCH_CHECK(dweights.sizes() == weights.sizes(), "dweights must match weights, got ", dweights.sizes());
-  TORCH_CHECK(dsummary.sizes() == at::IntArrayRef({S, H, D}) && dsummary.scalar_type() == x.scalar_type(),
-              "dsummary must be (S, H, D) in x's dtype, got ", dsummary.sizes());
+  check_chunk_route_grads(dy, dweights, dsummary, weights, x, sh);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const auto acc_opts = x.options().dtype(acc_type(x));
+  const auto acc_opts = x.options().dtype(accum_type(x));
   at::Tensor dx = at::empty(x.sizes(), x.options());
   at::Tensor dquery = at::empty({S, H, D}, acc_opts);
   if (x.numel() == 0) {  // no tokens (or no values): dx is empty, and no chunk reaches the query
@@ -230,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> chunk_route_bwd_cuda(const at::Tensor& dy, co
     at::Tensor dw = at::empty({S, H, M}, acc_opts);  // dw after pass 1, ds after pass 2
     const at::Tensor x_c = x.contiguous(), dy_c = dy.contiguous(), q_c = query.contiguous();
     const at::Tensor w_c = weights.contiguous(), dsum_c = dsummary.contiguous();
-    const at::Tensor dweights_c = dweights.to(acc_type(x)).contiguous();
+    const at::Tensor dweights_c = dweights.to(accum_type(x)).contiguous();
     const at::Tensor cu = sh.varlen ? cu_seqlens->contiguous() : at::Tensor();
     const int32_t* p_cu = sh.varlen ? cu.const_data_ptr<int32_t>() : nullptr;
     const Geometry g = geometry(sh, chunk_size, max_seqlen);
