@@ -25,8 +25,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def poison(monkeypatch):
-    """Make torch.empty / empty_like return NaN-filled float tensors, so an output element a kernel
-    forgets to write fails the comparison instead of passing on leftover memory."""
+    """Make torch.empty / empty_like return NaN-filled float tensors (integers: -12345), and the C++ CPU
+    kernels' outputs too, so an output element a kernel forgets to write fails the comparison instead of
+    passing on leftover memory (or on a reused buffer of the CPU output cache that happens to hold the
+    right answer from an earlier call)."""
+    from routing_kernels import _ext
+
     empty, empty_like = torch.empty, torch.empty_like
 
     def fill(t):
@@ -34,3 +38,11 @@ def poison(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+    if not _ext.HAS_C:
+        yield
+        return
+    _ext._C.set_cpu_output_cache_poison(True)
+    try:
+        yield
+    finally:
+        _ext._C.set_cpu_output_cache_poison(False)

@@ -1,6 +1,7 @@
 // The Python module routing_kernels._C. Loading it runs the TORCH_LIBRARY registrations of the other sources,
 // which is what makes torch.ops.routing_kernels.* available; the module itself only reports how it was built.
 #include <pybind11/pybind11.h>
+#include <routing_kernels/cpu_memory.h>
 
 // setup.py passes these; the fallbacks keep other builds compiling.
 #ifndef ROUTING_KERNELS_VERSION
@@ -34,10 +35,26 @@ py::dict build_info() {
   return info;
 }
 
+py::dict cpu_output_cache_stats() {
+  const routing_kernels::CpuOutputCacheStats s = routing_kernels::cpu_output_cache_stats();
+  py::dict info;
+  info["cached_bytes"] = s.cached_bytes;
+  info["limit_bytes"] = s.limit_bytes;
+  info["hits"] = s.hits;
+  info["misses"] = s.misses;
+  return info;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "C++/CUDA kernels of routing_kernels; the ops are under torch.ops.routing_kernels";
   m.def("build_info", &build_info, "How this extension was built: version, cuda_built, cuda_archs, torch_version, "
                                    "cuda_version.");
+  m.def("cpu_output_cache_stats", &cpu_output_cache_stats,
+        "The CPU output cache: cached_bytes, limit_bytes, hits, misses.");
+  m.def("empty_cpu_output_cache", &routing_kernels::empty_cpu_output_cache,
+        "Free the CPU output cache's buffers (live outputs are unaffected).");
+  m.def("set_cpu_output_cache_poison", &routing_kernels::set_cpu_output_cache_poison, py::arg("enabled"),
+        "Tests: NaN-fill (0xFF bytes) every large CPU output before the kernel writes it.");
 }

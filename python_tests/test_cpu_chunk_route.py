@@ -29,7 +29,7 @@ def _run(x, query, cs, cu, ms, backend, scale=None):
 @pytest.mark.parametrize("shared_query", [True, False], ids=["query_shared", "query_per_seq"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", LAYOUTS, ids=LAYOUT_IDS)
-def test_cpu_kernel_matches_reference(case, dtype, shared_query):
+def test_cpu_kernel_matches_reference(case, dtype, shared_query, poison):
     _, layout, cs = case
     x, cu, ms = make(layout, heads=3, dim=20, dtype=dtype)
     query = torch.randn((3, 20) if shared_query else (num_seqs(layout), 3, 20), dtype=torch.float64).to(dtype)
@@ -39,14 +39,14 @@ def test_cpu_kernel_matches_reference(case, dtype, shared_query):
 
 @pytest.mark.parametrize("dim", [1, 3, 64, 100, 256], ids=lambda d: f"D{d}")
 @pytest.mark.parametrize("chunk_size", [1, 7, 100, 4096], ids=lambda c: f"cs{c}")
-def test_cpu_kernel_chunk_sizes_and_head_dims(chunk_size, dim):
+def test_cpu_kernel_chunk_sizes_and_head_dims(chunk_size, dim, poison):
     x, cu, ms = make({"lengths": [150, 0, 29]}, heads=2, dim=dim)
     query = torch.randn(2, dim)
     got, want = _run(x, query, chunk_size, cu, ms, "cpu", 0.2), _run(x, query, chunk_size, cu, ms, "reference", 0.2)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
-def test_cpu_kernel_noncontiguous_and_expanded_grad():
+def test_cpu_kernel_noncontiguous_and_expanded_grad(poison):
     x = torch.randn(2, 19, 4, 3).transpose(2, 3)
     query = torch.randn(4).expand(3, 4)
     grads = []
@@ -75,7 +75,7 @@ def test_cpu_kernel_rejects_bad_input_with_named_argument():
 
 
 @pytest.mark.parametrize("layout", [{"lengths": [70_000, 5, 0, 3_000]}, {"B": 2, "N": 70_000}], ids=["varlen", "dense"])
-def test_cpu_kernel_cache_groups_with_long_sequences(layout):
+def test_cpu_kernel_cache_groups_with_long_sequences(layout, poison):
     # 70K tokens x 4 heads x 16 dims in fp32 pass the kernel's 16 MB cache budget: such a sequence is a
     # group of its own, while the short ones are grouped together.
     x, cu, ms = make(layout, heads=4, dim=16)

@@ -49,7 +49,7 @@ HEAD_IDS = ["g1_k2", "g2_k1_dv24", "g4_k9_dv8"]
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
 @pytest.mark.parametrize("case", LAYOUTS, ids=LAYOUT_IDS)
-def test_route_chunks_exact(case, heads, causal):
+def test_route_chunks_exact(case, heads, causal, poison):
     _, layout, cs = case
     hq, hkv, d, _, top_k = heads
     q, k, _, cu, ms = _inputs(layout, hq, hkv, d, d, torch.float32)
@@ -60,7 +60,7 @@ def test_route_chunks_exact(case, heads, causal):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
-def test_route_chunks_exact_dtypes_and_ties(dtype, causal):
+def test_route_chunks_exact_dtypes_and_ties(dtype, causal, poison):
     # Constant k: every chunk mean and gate is equal (exactly: integer data), so the selection is all ties and
     # must go to the lower indices. Random q in the given dtype checks the fp32/fp64 gate of reduced inputs.
     layout = {"lengths": [37, 0, 20]}
@@ -77,7 +77,7 @@ def test_route_chunks_exact_dtypes_and_ties(dtype, causal):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
 @pytest.mark.parametrize("case", LAYOUTS, ids=LAYOUT_IDS)
-def test_routed_attention_fp32_grid(case, heads, causal):
+def test_routed_attention_fp32_grid(case, heads, causal, poison):
     _, layout, cs = case
     hq, hkv, d, dv, top_k = heads
     q, k, v, cu, ms = _inputs(layout, hq, hkv, d, dv, torch.float32)
@@ -87,21 +87,21 @@ def test_routed_attention_fp32_grid(case, heads, causal):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", [LAYOUTS[3], LAYOUTS[7], LAYOUTS[11]], ids=[LAYOUT_IDS[i] for i in (3, 7, 11)])
-def test_routed_attention_dtypes(case, dtype, causal):
+def test_routed_attention_dtypes(case, dtype, causal, poison):
     _, layout, cs = case
     q, k, v, cu, ms = _inputs(layout, 4, 2, 16, 12, dtype)
     _check_attention(q, k, v, cs, 2, causal, cu, ms, dtype)
 
 
 @pytest.mark.parametrize("dim", [16, 72, 128, 256], ids=lambda d: f"D{d}")
-def test_routed_attention_head_dims(dim):
+def test_routed_attention_head_dims(dim, poison):
     # Several chunks, a key range longer than one GEMM block (chunk 600 > 512 keys), GQA group 2.
     q, k, v, cu, ms = _inputs({"lengths": [1300, 0, 70]}, 4, 2, dim, dim // 2 + 8, torch.float32)
     _check_attention(q, k, v, 600, 2, True, cu, ms, torch.float32, scale=0.3 / dim ** 0.5)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_routed_attention_long_sequence_many_rows(causal):
+def test_routed_attention_long_sequence_many_rows(causal, poison):
     # More query rows per chunk than one row block (512) and per forward task: group 4 over 700 tokens.
     q, k, v, cu, ms = _inputs({"B": 1, "N": 700}, 8, 2, 16, 16, torch.float32)
     _check_attention(q, k, v, 64, 3, causal, cu, ms, torch.float32)
@@ -119,7 +119,7 @@ def test_routed_attention_dense_equals_sdpa_and_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
-def test_routed_attention_noncontiguous_and_expanded_grads():
+def test_routed_attention_noncontiguous_and_expanded_grads(poison):
     q, k, v, _, _ = _inputs({"B": 1, "N": 19}, 4, 2, 16, 16, torch.float32)
     qt = q.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous view, same values
     o, lse = ops.routed_attention_fwd(qt, k, v, 4, 2, True, None, 0, 0.25)

@@ -71,7 +71,7 @@ VARLEN_CASES = {
 @needs_c
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", DENSE_CASES.values(), ids=DENSE_CASES.keys())
-def test_chunk_mean_fwd_dense(case, dtype):
+def test_chunk_mean_fwd_dense(case, dtype, poison):
     batch, seqlen, heads, dim, chunk_size = case
     x = torch.randn(batch, seqlen, heads, dim, generator=torch.Generator().manual_seed(0)).to(dtype)
     check_close(chunk_mean_fwd(x, chunk_size), x, chunk_size)
@@ -80,7 +80,7 @@ def test_chunk_mean_fwd_dense(case, dtype):
 @needs_c
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", VARLEN_CASES.values(), ids=VARLEN_CASES.keys())
-def test_chunk_mean_fwd_varlen(case, dtype):
+def test_chunk_mean_fwd_varlen(case, dtype, poison):
     offsets, max_seqlen, chunk_size = case
     cu_seqlens = torch.tensor(offsets, dtype=torch.int32)
     x = torch.randn(offsets[-1], 3, 5, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -90,7 +90,7 @@ def test_chunk_mean_fwd_varlen(case, dtype):
 
 @needs_c
 @pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])
-def test_chunk_mean_fwd_non_contiguous(layout):
+def test_chunk_mean_fwd_non_contiguous(layout, poison):
     base = torch.randn(2, 9, 4, 3)
     x = {"transposed": base.transpose(2, 3),  # (2, 9, 3, 4) with D not innermost
          "strided": base[:, ::2],  # every other token
@@ -100,7 +100,7 @@ def test_chunk_mean_fwd_non_contiguous(layout):
 
 
 @needs_c
-def test_chunk_mean_fwd_large_row_parallel():
+def test_chunk_mean_fwd_large_row_parallel(poison):
     # Enough work for several at::parallel_for tasks.
     x = torch.randn(3, 100, 4, 64)
     check_close(chunk_mean_fwd(x, 7), x, 7)

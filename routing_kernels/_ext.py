@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["HAS_C", "HAS_CUDA_KERNELS", "build_info", "has_kernel"]
+__all__ = ["HAS_C", "HAS_CUDA_KERNELS", "build_info", "cpu_cache_info", "empty_cpu_cache", "has_kernel"]
 
 _VERSION_FALLBACK = "0.1.0"  # keep equal to pyproject.toml (python_tests/test_extension.py checks it)
 _BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace` "
@@ -85,3 +85,23 @@ def has_kernel(op_name: str, device_type: str) -> bool:
         return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key))
     except RuntimeError:  # no such op
         return False
+
+
+def cpu_cache_info() -> dict:
+    """The CPU output cache of the C++ kernels (large outputs such as chunk_route's y and dx are reused from
+    recently freed buffers instead of being page-faulted in again on every call).
+
+    Returns a dict with ``cached_bytes`` (held for reuse), ``limit_bytes`` (``ROUTING_KERNELS_CPU_CACHE_MB``
+    megabytes, default 256; 0 turns the cache off), ``hits`` and ``misses`` (outputs served from the cache /
+    from fresh memory). All zero when the extension is not built.
+    """
+    if not HAS_C:
+        return {"cached_bytes": 0, "limit_bytes": 0, "hits": 0, "misses": 0}
+    return dict(_C.cpu_output_cache_stats())
+
+
+def empty_cpu_cache() -> None:
+    """Return the CPU output cache's free buffers to the operating system (like ``torch.cuda.empty_cache``).
+    Outputs that are still alive are not affected; they return to the cache when they are freed."""
+    if HAS_C:
+        _C.empty_cpu_output_cache()

@@ -1,5 +1,6 @@
 // CPU kernel of routing_kernels::chunk_mean_fwd (contract in include/routing_kernels/chunk_mean.h).
 #include <routing_kernels/chunk_mean.h>
+#include <routing_kernels/cpu_memory.h>
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -62,7 +63,7 @@ at::Tensor chunk_mean_fwd_cpu(const at::Tensor& x, int64_t chunk_size, const std
     cu = cu_seqlens->contiguous();
     check_cu_seqlens_values(cu.const_data_ptr<int32_t>(), shape.num_seqs, shape.num_tokens, max_seqlen);
   }
-  at::Tensor out = at::empty({shape.num_seqs, shape.num_chunks, shape.num_heads, shape.head_dim}, x.options());
+  at::Tensor out = empty_cpu_output({shape.num_seqs, shape.num_chunks, shape.num_heads, shape.head_dim}, x.options());
   if (out.numel() == 0) {
     return out;
   }

@@ -6,7 +6,8 @@
 //   forward : [sum x -> means, scores]  [softmax, summary]  [y = w * x]
 //   backward: [sum x, <dy, x> -> means, dw]  [ds, dquery]  [dx = w * dy + per-chunk row]
 // A token's H * D values are contiguous, so the inner loops run over flat rows; they are plain loops that GCC
-// vectorizes at -O3 (see chunk_mean.cpp for why not at::vec). Nothing the size of x is allocated besides outputs.
+// vectorizes at -O3 (see chunk_mean.cpp for why not at::vec). Nothing the size of x is allocated besides outputs,
+// and those (y, dx) come from the output cache of cpu_memory.h: fresh pages cost as much as the kernel itself.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -181,10 +182,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_route_fwd_cpu(const at::Ten
   const ChunkMeanShape& sh = p.layout.shape;
   const int64_t S = sh.num_seqs, M = sh.num_chunks, H = sh.num_heads, D = sh.head_dim;
   const auto acc_opts = x.options().dtype(accum_type(x));
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  advise_huge_pages(y);
-  at::Tensor weights = at::empty({S, H, M}, acc_opts);
-  at::Tensor summary = at::empty({S, H, D}, x.options());
+  at::Tensor y = empty_cpu_output(x.sizes(), x.options());
+  at::Tensor weights = empty_cpu_output({S, H, M}, acc_opts);
+  at::Tensor summary = empty_cpu_output({S, H, D}, x.options());
   at::Tensor means = at::empty({S * M, H * D}, acc_opts);
   const at::Tensor x_c = x.contiguous(), q_c = query.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "chunk_route_fwd_cpu", [&] {
@@ -230,9 +230,8 @@ std::tuple<at::Tensor, at::Tensor> chunk_route_bwd_cpu(const at::Tensor& dy, con
   const int64_t S = sh.num_seqs, M = sh.num_chunks, H = sh.num_heads, D = sh.head_dim;
   check_chunk_route_grads(dy, dweights, dsummary, weights, x, sh);
   const auto acc_opts = x.options().dtype(accum_type(x));
-  at::Tensor dx = at::empty(x.sizes(), x.options());
-  advise_huge_pages(dx);
-  at::Tensor dquery = at::empty({S, H, D}, acc_opts);
+  at::Tensor dx = empty_cpu_output(x.sizes(), x.options());
+  at::Tensor dquery = empty_cpu_output({S, H, D}, acc_opts);
   at::Tensor means = at::empty({S * M, H * D}, acc_opts);
   at::Tensor dw = at::empty({S, H, M}, acc_opts);
   at::Tensor add = at::empty({S * M, H * D}, acc_opts);  // per-chunk row added to every token's dx

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
+#include <routing_kernels/cpu_memory.h>
 #include <routing_kernels/routed_attention.h>
 #include <torch/library.h>
 
@@ -145,7 +146,7 @@ void route_kernel(const at::Tensor& q_acc, const at::Tensor& k_acc, const Routed
 
 at::Tensor route_chunks_acc(const at::Tensor& q_acc, const at::Tensor& k_acc, const RoutedShape& shape,
                             const int32_t* cu, int64_t chunk_size, int64_t top_k, bool causal) {
-  at::Tensor idx = at::empty({shape.num_tokens, shape.q_heads, top_k}, q_acc.options().dtype(at::kInt));
+  at::Tensor idx = empty_cpu_output({shape.num_tokens, shape.q_heads, top_k}, q_acc.options().dtype(at::kInt));
   if (shape.num_tokens == 0) return idx;
   AT_DISPATCH_FLOATING_TYPES(q_acc.scalar_type(), "route_chunks_cpu", [&] {
     route_kernel<scalar_t>(q_acc, k_acc, shape, cu, chunk_size, top_k, causal, idx.mutable_data_ptr<int32_t>());

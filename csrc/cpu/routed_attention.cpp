@@ -22,6 +22,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
+#include <routing_kernels/cpu_memory.h>
 #include <routing_kernels/routed_attention.h>
 #include <torch/library.h>
 
@@ -246,8 +247,8 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_fwd_cpu(const at::Tensor& q,
   const RoutedShape& sh = in.sh;
   const auto acc = routed_acc_type(q.scalar_type());
   const at::Tensor q_a = to_acc(q), k_a = to_acc(k), v_a = to_acc(v);
-  at::Tensor o = at::empty({sh.num_tokens, sh.q_heads, sh.v_dim}, q_a.options());
-  at::Tensor lse = at::empty({sh.num_tokens, sh.q_heads}, q_a.options());
+  at::Tensor o = empty_cpu_output({sh.num_tokens, sh.q_heads, sh.v_dim}, q_a.options());
+  at::Tensor lse = empty_cpu_output({sh.num_tokens, sh.q_heads}, q_a.options());
   if (sh.num_tokens > 0) {
     const at::Tensor sel = route_chunks_acc(q_a, k_a, sh, in.cu, chunk_size, top_k, causal);
     AT_DISPATCH_FLOATING_TYPES(acc, "routed_attention_fwd_cpu", [&] {
@@ -409,9 +410,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_bwd_cpu(
   check_routed_token_tensor(dlse, q, sh, sh.q_heads, -1, acc, "dlse", "(.., Hq)");
   const at::Tensor q_a = to_acc(q), k_a = to_acc(k), v_a = to_acc(v), do_a = to_acc(dout);
   const int64_t T = sh.num_tokens, Hq = sh.q_heads;
-  at::Tensor dq = at::empty({T, Hq, sh.head_dim}, q_a.options());
-  at::Tensor dk = at::empty({T, sh.kv_heads, sh.head_dim}, q_a.options());
-  at::Tensor dv = at::empty({T, sh.kv_heads, sh.v_dim}, q_a.options());
+  at::Tensor dq = empty_cpu_output({T, Hq, sh.head_dim}, q_a.options());
+  at::Tensor dk = empty_cpu_output({T, sh.kv_heads, sh.head_dim}, q_a.options());
+  at::Tensor dv = empty_cpu_output({T, sh.kv_heads, sh.v_dim}, q_a.options());
   if (T > 0) {
     // delta = <dO, O> - dlse per query, with O as stored (q's dtype), like the reference.
     const at::Tensor delta =
