@@ -175,16 +175,34 @@ class OutputCache final : public c10::Allocator {
   std::atomic<bool> poison_{false};
 };
 
+// Advice for a fresh at::empty block when the cache is off: only its whole, aligned 2 MB ranges can be huge.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + t.nbytes()) & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 }  // namespace
 
 at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   OutputCache& cache = OutputCache::get();
   const int64_t numel = c10::multiply_integers(sizes);
   const size_t nbytes = static_cast<size_t>(numel) * options.dtype().itemsize();
-  at::Tensor out = cache.enabled() && nbytes >= kMinCachedBytes
-                       ? at::Tensor(at::detail::empty_generic(sizes, &cache, c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                                              c10::typeMetaToScalarType(options.dtype()), std::nullopt))
-                       : at::empty(sizes, options);
+  at::Tensor out;
+  if (nbytes < kMinCachedBytes) {
+    out = at::empty(sizes, options);
+  } else if (cache.enabled()) {
+    out = at::detail::empty_generic(sizes, &cache, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                    c10::typeMetaToScalarType(options.dtype()), std::nullopt);
+  } else {
+    out = at::empty(sizes, options);
+    advise_huge_pages(out);
+  }
   if (cache.poisoned()) {
     if (out.is_floating_point()) {
       out.fill_(std::numeric_limits<double>::quiet_NaN());

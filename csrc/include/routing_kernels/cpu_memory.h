@@ -8,7 +8,8 @@
 // what the next call needs.
 //
 // The cache keeps whole buffers, keyed by their size rounded up to 2 MB, most recently freed first, up to
-// ROUTING_KERNELS_CPU_CACHE_MB megabytes (default 256; 0 turns it off). Buffers are 2 MB aligned and advised
+// ROUTING_KERNELS_CPU_CACHE_MB megabytes (default 256; 0 turns it off, and
+// large outputs then come from at::empty, still advised to use huge pages). Buffers are 2 MB aligned and advised
 // to be backed by transparent huge pages. Outputs under 1 MB use at::empty as before. The allocation events go
 // to torch.profiler like torch's own (so peak-memory measurements see them); the cached bytes are reserved
 // memory, like the CUDA caching allocator's, and empty_cpu_output_cache() returns them to the OS.
