@@ -155,9 +155,10 @@ def default_cases(device: str, quick: bool = False) -> list:
         chunk = [Case(op, 4, n, 8, 64, 128, torch.float32, device)
                  for op in ("chunk_mean", "chunk_route") for n in (1024, 8192)]
         # the reference materialises (B, Hq, N, N) scores: 8.6 GB fp32 at N=16384, so N=4096 only
-        attn = [Case(op, 1, n, 8, 64, 512, torch.float32, device, hkv=2, top_k=4,
+        # the issue's "H=8" read both ways: MHA (Hkv=8) and GQA 8:2
+        attn = [Case(op, 1, n, 8, 64, 512, torch.float32, device, hkv=hkv, top_k=4,
                      ref_ok=(op == "route_chunks" or n <= 4096))
-                for op in ATTENTION_OPS for n in (4096, 16384)]
+                for op in ATTENTION_OPS for hkv in (8, 2) for n in (4096, 16384)]
         return chunk + attn
     chunk = []
     for op in ("chunk_mean", "chunk_route"):
@@ -167,5 +168,9 @@ def default_cases(device: str, quick: bool = False) -> list:
     # eager attention scores at N=16K: 32 * 16K^2 fp32 = 34 GB per tensor; none beyond that
     attn = [Case(op, 1, n, 32, 128, 1024, torch.bfloat16, device, hkv=8, top_k=8,
                  ref_ok=(op == "route_chunks" or n <= 16384))
-            for op in ATTENTION_OPS for n in (4096, 16384, 65536, 131072)]
+            for op in ATTENTION_OPS for n in (4096, 8192, 16384, 65536, 131072, 262144)]
+    # the other chunk sizes and top_k of the issue, at one length
+    attn += [Case("routed_attention", 1, 32768, 32, 128, chunk, torch.bfloat16, device, hkv=8, top_k=top_k,
+                  ref_ok=False)
+             for chunk in (512, 1024, 2048) for top_k in (4, 8) if (chunk, top_k) != (1024, 8)]
     return chunk + attn

@@ -49,12 +49,34 @@ def _public(backend):
     return build
 
 
+def _triton_one_head_per_tile(case):
+    """Our Triton routed_attention with GQA head packing off (HEADS_PER_TILE = 1) during the forward call,
+    to measure what packing a kv group's q heads into one program buys. Compare fwd rows: in the backward
+    modes only the forward is affected (autograd runs the backward after the call returns)."""
+    import routing_kernels
+    from routing_kernels.ops.routed_attention import triton as ra_triton
+
+    kwargs = case.call_kwargs()
+
+    def run(*inputs):
+        saved, ra_triton.HEADS_PER_TILE = ra_triton.HEADS_PER_TILE, 1
+        try:
+            return routing_kernels.routed_attention(*inputs, backend="triton", **kwargs)
+        finally:
+            ra_triton.HEADS_PER_TILE = saved
+    return run
+
+
 def _reference_fits(case) -> bool:
     return case.ref_ok
 
 
 def _is_attention(case) -> bool:
     return case.op == "routed_attention"
+
+
+def _is_gqa_on_gpu(case) -> bool:
+    return _is_attention(case) and case.device.startswith("cuda") and case.hkv < case.H
 
 
 def _sdpa(case):
@@ -95,6 +117,7 @@ PROVIDERS = {
     "triton": Provider(_public("triton")),
     "cuda": Provider(_public("cuda")),
     "cpu": Provider(_public("cpu")),
+    "triton-pack1": Provider(_triton_one_head_per_tile, _is_gqa_on_gpu),
 }
 
 
@@ -103,4 +126,4 @@ def default_providers(device: str, quick: bool) -> list:
     # which does not fit a seconds-long smoke run: quick mode leaves it out unless asked for.
     if quick:
         return ["eager", "ours", "sdpa"]
-    return ["eager", "compile", "ours", "sdpa", "flex"]
+    return ["eager", "compile", "ours", "sdpa", "flex", "triton-pack1"]

@@ -123,6 +123,28 @@ def test_routed_attention_low_precision(name, causal, dtype):
 
 
 @pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("pack", [1, 2, 4], ids=lambda p: f"pack{p}")
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 1)], ids=["group4", "group8"])
+def test_routed_attention_gqa_head_packing(hq, hkv, pack, monkeypatch):
+    # forward/dq programs pack `pack` q heads of a kv group into their rows; every packing must be exact
+    from routing_kernels.ops.routed_attention import triton as ra_triton
+    monkeypatch.setattr(ra_triton, "HEADS_PER_TILE", pack)
+    assert ra_triton.heads_per_tile(hq, hkv, 16) == pack
+    layout, cs = LAYOUT["varlen_prime"]
+    q, k, v, cu, ms = _qkv(layout, hq, hkv, 16, 16, torch.float32, seed=13)
+    _check_attention(q, k, v, cs, 2, True, cu, ms, TOL[torch.float32])
+
+
+def test_heads_per_tile_default():
+    from routing_kernels.ops.routed_attention.triton import heads_per_tile
+    assert heads_per_tile(32, 8, 128) == 4  # group 4, 64 rows x 128
+    assert heads_per_tile(8, 8, 64) == 1    # MHA: nothing to share
+    assert heads_per_tile(8, 2, 256) == 2   # D = 256: 32 rows keep the accumulator at 8192 values
+    assert heads_per_tile(6, 2, 64) == 1    # group 3: no power of 2 > 1 divides it
+    assert heads_per_tile(16, 1, 64) == 4   # group 16: capped at 64 rows
+
+
+@pytest.mark.usefixtures("poison")
 def test_routed_attention_head_dim_128():
     q, k, v, cu, ms = _qkv({"lengths": [21, 6]}, 2, 1, 128, 128, torch.float32, seed=9)
     _check_attention(q, k, v, 8, 2, True, cu, ms, TOL[torch.float32], scale=0.05)
