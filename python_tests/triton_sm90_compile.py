@@ -1,0 +1,133 @@
+"""Compile every Triton kernel of the package for sm_90 (H100/H200) without a GPU.
+
+The interpreter runs the kernels' Python, not Triton's compiler: a construct the compiler rejects (a loop-carried
+value that changes type, an unsupported op, a bf16 path the interpreter cannot run) passes the CPU tests and
+fails on the first GPU. This script calls the real launchers on CPU tensors with JITFunction.run replaced by an
+ahead-of-time compile for GPUTarget("cuda", 90, 32): the launch arguments become the kernel's signature, the
+compile goes through TTIR, TTGIR, LLVM IR, PTX and ptxas, and nothing is launched.
+
+Run it in a process WITHOUT TRITON_INTERPRET (python_tests/test_triton_sm90_compile.py does). It prints one
+line per compiled (kernel, signature) and exits 1 if any compile failed.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import compile as triton_compile  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+          torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
+
+compiled: dict = {}  # (kernel, signature, constexprs) -> None (ok) or an error string
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unsupported kernel argument {type(value).__name__}")
+
+
+def _aot_run(self, *args, grid, warmup, **kwargs):
+    """Stands in for JITFunction.run: compile for sm_90 with the launch's arguments, launch nothing."""
+    options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
+    bound = dict(zip(self.arg_names, args))
+    bound.update(kwargs)
+    signature, constexprs = {}, {}
+    for param in self.params:
+        value = bound[param.name] if param.name in bound else param.default
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        else:
+            signature[param.name] = _arg_type(value)
+    key = (self.__name__, tuple(signature.items()), tuple(sorted(constexprs.items(), key=str)))
+    if key in compiled:
+        return None
+    try:
+        triton_compile(ASTSource(self, signature, constexprs), target=TARGET, options=options)
+        compiled[key] = None
+        print(f"ok   {self.__name__} {_short(signature, constexprs)}", flush=True)
+    except Exception as error:  # noqa: BLE001 - collect every failure, report at the end
+        compiled[key] = f"{type(error).__name__}: {error}"
+        print(f"FAIL {self.__name__} {_short(signature, constexprs)}\n{traceback.format_exc()}", flush=True)
+    return None
+
+
+def _short(signature, constexprs) -> str:
+    pointers = sorted({t for t in signature.values() if t.startswith("*")})
+    return f"{','.join(pointers)} {constexprs}"
+
+
+def _cases():
+    """Launcher calls covering every kernel, dtype path and constexpr branch the GPU will see."""
+    from routing_kernels.ops.chunk_mean.triton import chunk_mean_bwd, chunk_mean_fwd
+    from routing_kernels.ops.chunk_route.triton import chunk_route_bwd, chunk_route_fwd
+    from routing_kernels.ops.route_chunks.triton import route_chunks_triton
+    from routing_kernels.ops.routed_attention import triton as ra
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        # chunk_mean / chunk_route: dense and varlen, head dims 64 and 100 (padded to 128)
+        for d in (64, 100):
+            x = torch.randn(2, 40, 2, d, generator=g).to(dtype)
+            query = torch.randn(2, d, generator=g).to(dtype)
+            cu = torch.tensor([0, 17, 17, 80], dtype=torch.int32)
+            for layout in ((x, None, None), (x.reshape(80, 2, d), cu, 63)):
+                yield lambda a=layout: _chunk_mean(chunk_mean_fwd, chunk_mean_bwd, *a)
+                yield lambda a=layout, q=query: _chunk_route(chunk_route_fwd, chunk_route_bwd, q, *a)
+        # route_chunks / routed_attention: MHA and GQA groups 2 and 4 (head packing 1, 2, 4), D = 64 and 128
+        for hq, hkv, d in ((4, 4, 64), (4, 2, 128), (8, 2, 64), (8, 2, 128)):
+            q = torch.randn(1, 48, hq, d, generator=g).to(dtype)
+            k = torch.randn(1, 48, hkv, d, generator=g).to(dtype)
+            v = torch.randn(1, 48, hkv, d, generator=g).to(dtype)
+            for causal in (True, False):
+                yield lambda q=q, k=k, c=causal: route_chunks_triton(q, k, 16, 3, c)
+                yield lambda q=q, k=k, v=v, c=causal: _attention(ra, q, k, v, c)
+
+
+def _chunk_mean(fwd, bwd, x, cu, max_seqlen):
+    means, _ = fwd(x, 8, cu, max_seqlen)
+    bwd(torch.randn(means.shape).to(x.dtype), x, 8, cu, max_seqlen)
+
+
+def _chunk_route(fwd, bwd, query, x, cu, max_seqlen):
+    y, weights, summary = fwd(x, query, 8, cu, max_seqlen, 0.125)
+    bwd(torch.randn_like(y), torch.randn_like(weights), torch.randn_like(summary), x, query, weights, 8, cu,
+        max_seqlen, 0.125)
+
+
+def _attention(ra, q, k, v, causal):
+    o, lse = ra.routed_attention_fwd_triton(q, k, v, 16, 3, causal)
+    ra.routed_attention_bwd_triton(torch.randn_like(o), torch.randn_like(lse), q, k, v, o, lse, 16, 3, causal)
+
+
+def main() -> int:
+    JITFunction.run = _aot_run
+    for call in _cases():
+        call()
+    failed = {k: v for k, v in compiled.items() if v is not None}
+    print(f"{len(compiled)} kernel variants compiled for sm_90, {len(failed)} failed")
+    for (name, _, constexprs), error in failed.items():
+        print(f"FAILED {name} {dict(constexprs)}: {error.splitlines()[0][:300]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
