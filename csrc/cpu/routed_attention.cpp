@@ -108,6 +108,70 @@ void unmask(acc_t* p, const int64_t* allowed, int64_t R, int64_t C) {
   for (int64_t i = 0; i < R; ++i) std::fill(p + i * C + allowed[i], p + (i + 1) * C, acc_t(0));
 }
 
+// ------------------------------------------------------------------------------------------- row loops
+// The softmax row loops between the GEMMs. The extension is compiled for baseline x86-64 (SSE2), where these loops
+// took ~30% of the forward at 4K tokens next to MKL's AVX-512 GEMMs (perf); GCC's target_clones builds them for
+// AVX-512 and AVX2 as well and picks one at load time (ifunc). Every clone adds in the same order for a given
+// machine, so results stay deterministic run to run.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RK_ROW_LOOP __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RK_ROW_LOOP
+#endif
+
+// Forward: shift row [0, a) of S by its new running max and zero [a, c) (masked keys, see unmask). Returns the max.
+template <typename acc_t>
+RK_ROW_LOOP acc_t shift_row(acc_t* row, int64_t a, int64_t c, acc_t m_prev) {
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+  // omp simd: without it GCC keeps max and sum reductions scalar (a 4-cycle dependency chain per value, measured
+  // 35% of the forward); the order it picks is fixed at compile time, so still deterministic.
+#pragma omp simd reduction(max : mx)
+  for (int64_t i = 0; i < a; ++i) mx = row[i] > mx ? row[i] : mx;
+  const acc_t m_new = a > 0 ? std::max(m_prev, mx) : acc_t(0);
+#pragma omp simd
+  for (int64_t i = 0; i < a; ++i) row[i] -= m_new;
+  for (int64_t i = a; i < c; ++i) row[i] = 0;
+  return m_new;
+}
+
+template <typename acc_t>
+RK_ROW_LOOP acc_t sum_row(const acc_t* row, int64_t a) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < a; ++i) sum += row[i];
+  return sum;
+}
+
+// out = out * alpha + add_scale * add: the online-softmax merge of one output row (alpha = 0 still reads out, so
+// a NaN there stays NaN, as in the dense reference), and the dQ shares.
+template <typename acc_t>
+RK_ROW_LOOP void scale_add_row(acc_t* out, const acc_t* add, acc_t alpha, acc_t add_scale, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = out[i] * alpha + add_scale * add[i];
+}
+
+// out = add_scale * add, without reading out (uninitialized memory).
+template <typename acc_t>
+RK_ROW_LOOP void scaled_copy_row(acc_t* out, const acc_t* add, acc_t add_scale, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = add_scale * add[i];
+}
+
+// Backward: row [0, a) of scale * Q K^T becomes its exponent against the saved lse; [a, c) is zeroed.
+template <typename acc_t>
+RK_ROW_LOOP void lse_shift_row(acc_t* row, int64_t a, int64_t c, acc_t scale, acc_t lse) {
+#pragma omp simd
+  for (int64_t i = 0; i < a; ++i) row[i] = row[i] * scale - lse;
+  for (int64_t i = a; i < c; ++i) row[i] = 0;
+}
+
+// Backward: dS = P * (dP - delta), in place in dP.
+template <typename acc_t>
+RK_ROW_LOOP void ds_row(acc_t* dp, const acc_t* p, acc_t delta, int64_t c) {
+#pragma omp simd
+  for (int64_t i = 0; i < c; ++i) dp[i] = p[i] * (dp[i] - delta);
+}
+
 // ------------------------------------------------------------------------------------------------------ forward
 
 template <typename acc_t>
@@ -193,18 +257,8 @@ void forward_kernel(const Inputs& in, const at::Tensor& q_a, const at::Tensor& k
             at::Tensor s_t = view2(sc.s.data(), R, C, C, opts);
             at::mm_out(s_t, view2(sc.qg.data(), R, D, D, opts),
                        view2(k + ((sp.bos + k0) * Hkv + tk.hk) * D, C, D, Hkv * D, opts).t());
-            for (int64_t i = 0; i < R; ++i) {
-              acc_t* srow = sc.s.data() + i * C;
-              const int64_t a = sc.allowed[i];
-              acc_t mx = neg_inf;
-              // omp simd: without it GCC keeps max and sum reductions scalar (a 4-cycle dependency chain per value,
-              // measured 35% of the forward); the order it picks is fixed at compile time, so still deterministic.
-#pragma omp simd reduction(max : mx)
-              for (int64_t c = 0; c < a; ++c) mx = srow[c] > mx ? srow[c] : mx;
-              for (int64_t c = a; c < C; ++c) srow[c] = 0;  // masked: zeroed after the exp (see unmask)
-              const acc_t m_new = a > 0 ? std::max(m_run[rr[i]], mx) : acc_t(0);
-              sc.row_a[i] = m_new;
-              for (int64_t c = 0; c < a; ++c) srow[c] -= m_new;
+            for (int64_t i = 0; i < R; ++i) {  // masked keys: zeroed after the exp too (see unmask)
+              sc.row_a[i] = shift_row(sc.s.data() + i * C, sc.allowed[i], C, m_run[rr[i]]);
             }
             s_t.exp_();
             unmask(sc.s.data(), sc.allowed.data(), R, C);
@@ -212,19 +266,13 @@ void forward_kernel(const Inputs& in, const at::Tensor& q_a, const at::Tensor& k
             at::mm_out(og, s_t, view2(v + ((sp.bos + k0) * Hkv + tk.hk) * Dv, C, Dv, Hkv * Dv, opts));
             for (int64_t i = 0; i < R; ++i) {
               if (sc.allowed[i] == 0) continue;
-              const acc_t* srow = sc.s.data() + i * C;
-              acc_t sum = 0;
-              const int64_t a = sc.allowed[i];
-#pragma omp simd reduction(+ : sum)
-              for (int64_t c = 0; c < a; ++c) sum += srow[c];
+              const acc_t sum = sum_row(sc.s.data() + i * C, sc.allowed[i]);
               const int64_t r = rr[i];
               const acc_t m_new = sc.row_a[i];
               const acc_t alpha = std::exp(m_run[r] - m_new);  // 0 on the first block (m_run = -inf)
               l_run[r] = l_run[r] * alpha + sum;
               m_run[r] = m_new;
-              acc_t* orow = o_task.data() + r * Dv;
-              const acc_t* prow = sc.og.data() + i * Dv;
-              for (int64_t d = 0; d < Dv; ++d) orow[d] = orow[d] * alpha + prow[d];
+              scale_add_row(o_task.data() + r * Dv, sc.og.data() + i * Dv, alpha, acc_t(1), Dv);
             }
           }
         }
@@ -355,20 +403,13 @@ void backward_kernel(const Inputs& in, const at::Tensor& q_a, const at::Tensor& 
           at::Tensor ds_t = view2(sc.dp.data(), R, C, C, opts);
           at::mm_out(p_t, qg, k_blk.narrow(0, 0, C).t());
           for (int64_t i = 0; i < R; ++i) {
-            acc_t* prow = sc.s.data() + i * C;
-            const acc_t l = lse[ee[i] / slots];
-            const int64_t a = sc.allowed[i];
-            for (int64_t cc = 0; cc < a; ++cc) prow[cc] = prow[cc] * scale - l;
-            for (int64_t cc = a; cc < C; ++cc) prow[cc] = 0;
+            lse_shift_row(sc.s.data() + i * C, sc.allowed[i], C, scale, lse[ee[i] / slots]);
           }
           p_t.exp_();
           unmask(sc.s.data(), sc.allowed.data(), R, C);
           at::mm_out(ds_t, dog_t, v_blk.narrow(0, 0, C).t());
           for (int64_t i = 0; i < R; ++i) {
-            acc_t* drow = sc.dp.data() + i * C;
-            const acc_t* prow = sc.s.data() + i * C;
-            const acc_t dl = delta[ee[i] / slots];
-            for (int64_t cc = 0; cc < C; ++cc) drow[cc] = prow[cc] * (drow[cc] - dl);
+            ds_row(sc.dp.data() + i * C, sc.s.data() + i * C, delta[ee[i] / slots], C);
           }
           // dV += P^T dO, dK += scale dS^T Q (this task owns these key rows), dQ share = scale dS K.
           at::Tensor dv_blk = view2(dv_acc.data() + (k0 - kb) * Dv, C, Dv, Dv, opts);
@@ -379,12 +420,10 @@ void backward_kernel(const Inputs& in, const at::Tensor& q_a, const at::Tensor& 
           at::mm_out(dqg, ds_t, k_blk.narrow(0, 0, C));
           const bool first = k0 == kb;  // every row has keys in the chunk's first block (its own token when causal)
           for (int64_t i = 0; i < R; ++i) {
-            acc_t* dst = dq_part + ee[i] * D;
-            const acc_t* src = sc.og.data() + i * D;
             if (first) {
-              for (int64_t d = 0; d < D; ++d) dst[d] = scale * src[d];
+              scaled_copy_row(dq_part + ee[i] * D, sc.og.data() + i * D, scale, D);
             } else {
-              for (int64_t d = 0; d < D; ++d) dst[d] += scale * src[d];
+              scale_add_row(dq_part + ee[i] * D, sc.og.data() + i * D, acc_t(1), scale, D);
             }
           }
         }
