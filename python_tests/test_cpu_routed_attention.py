@@ -93,6 +93,13 @@ def test_routed_attention_dtypes(case, dtype, causal, poison):
     _check_attention(q, k, v, cs, 2, causal, cu, ms, dtype)
 
 
+@pytest.mark.parametrize("hkv", [16, 8, 4, 2, 1], ids=lambda h: f"group{16 // h}")
+def test_routed_attention_sixteen_query_heads(hkv, poison):
+    # Hq = 16 with every GQA group the issue names (1..16), varlen with an empty sequence.
+    q, k, v, cu, ms = _inputs({"lengths": [37, 0, 20]}, 16, hkv, 16, 16, torch.float32, seed=4)
+    _check_attention(q, k, v, 8, 3, True, cu, ms, torch.float32)
+
+
 @pytest.mark.parametrize("dim", [16, 72, 128, 256], ids=lambda d: f"D{d}")
 def test_routed_attention_head_dims(dim, poison):
     # Several chunks, a key range longer than one GEMM block (chunk 600 > 512 keys), GQA group 2.

@@ -124,7 +124,7 @@ def test_routed_attention_low_precision(name, causal, dtype):
 
 @pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("pack", [1, 2, 4], ids=lambda p: f"pack{p}")
-@pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 1)], ids=["group4", "group8"])
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 1), (16, 1)], ids=["group4", "group8", "group16"])
 def test_routed_attention_gqa_head_packing(hq, hkv, pack, monkeypatch):
     # forward/dq programs pack `pack` q heads of a kv group into their rows; every packing must be exact
     from routing_kernels.ops.routed_attention import triton as ra_triton
