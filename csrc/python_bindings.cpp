@@ -56,5 +56,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("empty_cpu_output_cache", &routing_kernels::empty_cpu_output_cache,
         "Free the CPU output cache's buffers (live outputs are unaffected).");
   m.def("set_cpu_output_cache_poison", &routing_kernels::set_cpu_output_cache_poison, py::arg("enabled"),
-        "Tests: NaN-fill (0xFF bytes) every large CPU output before the kernel writes it.");
+        "Tests: fill every C++ CPU kernel output with NaN (integers: -12345) before the kernel writes it.");
 }

@@ -135,6 +135,15 @@ def test_routed_attention_gqa_head_packing(hq, hkv, pack, monkeypatch):
     _check_attention(q, k, v, cs, 2, True, cu, ms, TOL[torch.float32])
 
 
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_routed_attention_many_tiles_and_chunks(causal):
+    # ~10 query tiles and 19 chunks per long sequence: the union walk skips gaps between selected chunks, and
+    # the dK/dV index lists several tiles per chunk; an empty sequence sits between; GQA group 4 (packing 4).
+    q, k, v, cu, ms = _qkv({"lengths": [150, 0, 97]}, 8, 2, 16, 16, torch.float32, seed=21)
+    _check_attention(q, k, v, 8, 3, causal, cu, ms, TOL[torch.float32])
+
+
 def test_heads_per_tile_default():
     from routing_kernels.ops.routed_attention.triton import heads_per_tile
     assert heads_per_tile(32, 8, 128) == 4  # group 4, 64 rows x 128

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -31,10 +32,11 @@ int64_t limit_from_env() {
   const char* text = std::getenv("ROUTING_KERNELS_CPU_CACHE_MB");
   if (text == nullptr || *text == '\0') return kDefaultLimitMb << 20;
   char* end = nullptr;
+  errno = 0;
   const long long mb = std::strtoll(text, &end, 10);
-  TORCH_CHECK(end != text && *end == '\0' && mb >= 0,
-              "routing_kernels: ROUTING_KERNELS_CPU_CACHE_MB must be a whole number of megabytes >= 0, got '", text,
-              "'");
+  TORCH_CHECK(end != text && *end == '\0' && errno == 0 && mb >= 0 && mb <= (int64_t{1} << 40),
+              "routing_kernels: ROUTING_KERNELS_CPU_CACHE_MB must be a whole number of megabytes in [0, 2^40], got '",
+              text, "'");
   return static_cast<int64_t>(mb) << 20;
 }
 
@@ -138,7 +140,6 @@ class OutputCache final : public c10::Allocator {
   static void release(void* context) {
     auto* buffer = static_cast<Buffer*>(context);
     OutputCache& cache = get();
-    report(buffer->ptr, -static_cast<int64_t>(buffer->requested));
     std::vector<void*> to_free;
     {
       std::lock_guard<std::mutex> lock(cache.mutex_);
@@ -155,20 +156,26 @@ class OutputCache final : public c10::Allocator {
         to_free.push_back(buffer->ptr);
       }
     }
+    report(buffer->ptr, -static_cast<int64_t>(buffer->requested));  // totals after the release, like torch
     for (void* ptr : to_free) std::free(ptr);
     delete buffer;
   }
 
   static void report(void* ptr, int64_t delta) {
     OutputCache& cache = get();
-    const size_t allocated = cache.allocated_bytes_.load(), cached = cache.cached_bytes_.load();
+    size_t allocated, cached;
+    {
+      std::lock_guard<std::mutex> lock(cache.mutex_);  // one consistent snapshot of both totals
+      allocated = cache.allocated_bytes_.load();
+      cached = cache.cached_bytes_.load();
+    }
     c10::reportMemoryUsageToProfiler(ptr, delta, allocated, allocated + cached, c10::Device(c10::DeviceType::CPU));
   }
 
   const int64_t limit_;
   std::mutex mutex_;
   std::list<Buffer> free_;  // most recently freed first
-  // Changed under mutex_; atomic so that report() may read them without it.
+  // Changed and read under mutex_ (atomic as well: stats() and report() stay race-free if that ever changes).
   std::atomic<size_t> cached_bytes_{0};
   std::atomic<size_t> allocated_bytes_{0};  // live outputs (capacity)
   int64_t hits_ = 0, misses_ = 0;

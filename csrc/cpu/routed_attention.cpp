@@ -111,8 +111,9 @@ void unmask(acc_t* p, const int64_t* allowed, int64_t R, int64_t C) {
 // ------------------------------------------------------------------------------------------- row loops
 // The softmax row loops between the GEMMs. The extension is compiled for baseline x86-64 (SSE2), where these loops
 // took ~30% of the forward at 4K tokens next to MKL's AVX-512 GEMMs (perf); GCC's target_clones builds them for
-// AVX-512 and AVX2 as well and picks one at load time (ifunc). Every clone adds in the same order for a given
-// machine, so results stay deterministic run to run.
+// AVX-512 and AVX2 as well and picks one at load time (ifunc). The build passes -ffp-contract=off (no fused
+// multiply-adds), so the clones round alike; the reductions' lane order does depend on the vector width, so sums
+// are deterministic run to run on one machine, and may differ in the last bits between machines.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define RK_ROW_LOOP __attribute__((target_clones("avx512f", "avx2", "default")))
 #else

@@ -12,7 +12,8 @@
 // large outputs then come from at::empty, still advised to use huge pages). Buffers are 2 MB aligned and advised
 // to be backed by transparent huge pages. Outputs under 1 MB use at::empty as before. The allocation events go
 // to torch.profiler like torch's own (so peak-memory measurements see them); the cached bytes are reserved
-// memory, like the CUDA caching allocator's, and empty_cpu_output_cache() returns them to the OS.
+// memory, like the CUDA caching allocator's, and empty_cpu_output_cache() frees them (glibc
+// hands buffers of 32 MB and more back to the OS at once, smaller ones to its heap).
 #pragma once
 
 #include <ATen/core/Tensor.h>

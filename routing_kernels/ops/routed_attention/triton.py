@@ -3,7 +3,8 @@
 Design: query-tile centric, chosen because every query row carries its own selection and this is the
 simplest layout that stays exact and deterministic (no atomics, no partial-result merge):
 
-- Forward, one program per (sequence, tile of BLOCK_M queries, q head). It loads the tile's selection
+- Forward, one program per (sequence, tile of BLOCK_M tokens, PACK q heads of one kv group; see
+  heads_per_tile), so BLOCK_M * PACK rows. It loads the tile's selection
   (BLOCK_M x top_k int32, from route_chunks_triton) and walks exactly the union of its rows' chunks in
   increasing order (next chunk = the smallest selected index above the current one, one BLOCK_M x BLOCK_K
   min). A selected chunk is streamed in BLOCK_N key blocks with the flash online softmax, masking per row
@@ -15,7 +16,7 @@ simplest layout that stays exact and deterministic (no atomics, no partial-resul
   accumulates dK, dV in registers; each output element has one writer, so the result is deterministic.
 
 Cost: the work of a tile is the UNION of its rows' selected chunks. Queries of one chunk often route alike,
-but when they do not, a tile of BLOCK_M rows can touch up to min(M, BLOCK_M * (top_k - 1) + 1) chunks and
+but when they do not, a tile of R = BLOCK_M * PACK rows can touch up to min(M, R * (top_k - 1) + 1) chunks and
 drift toward dense attention; BLOCK_M = 16 keeps the union small (at the price of smaller MMA tiles). The
 alternative (gather queries per chunk by counting sort, then merge the per-chunk partials by lse) does
 exactly the selected work but needs two extra passes and a workspace; it is the natural next step if the
@@ -332,7 +333,9 @@ def _tiles_by_chunk(sel, cu, max_seqlen, chunk_size, top_k):
     Built as a byte table of (seq, q head, chunk, tile) flags that the selection marks, then its nonzero
     positions: a counting sort whose memory is Hq * sum_s M_s * tiles_s bytes (33 MB for one 128K sequence,
     32 heads, chunk 1024) plus 8 bytes per (tile, head, selected chunk), instead of the 8 bytes per
-    (token, head, slot) of a sort over the selection itself. Costs one host sync (the table's size)."""
+    (token, head, slot) of a sort over the selection itself. Costs two host syncs (the table's size, nonzero).
+    The table grows as Hq * N^2 / (16 * chunk_size): 512 MB at N = 256K, Hq = 32, chunk 256; a sort-based
+    build for small chunks at very long N is future work (GPU-unmeasured)."""
     t, hq, _ = sel.shape
     s = cu.numel() - 1
     dev = sel.device
