@@ -41,19 +41,6 @@ BLOCK_M = 16  # query tokens per tile (tl.dot needs >= 16 rows); forward/dq rows
 
 
 @triton.jit
-def _query_tile(cu_seqlens, num_tiles, num_heads, BLOCK_M: tl.constexpr):
-    """(seq, q head, first token of the sequence, its length, positions (BLOCK_M,), their mask)."""
-    pid = tl.program_id(0).to(tl.int64)
-    i_h = pid % num_heads
-    i_m = (pid // num_heads) % num_tiles
-    i_s = pid // (num_heads * num_tiles)
-    bos = tl.load(cu_seqlens + i_s).to(tl.int64)
-    length = tl.load(cu_seqlens + i_s + 1).to(tl.int64) - bos
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    return i_s, i_h, bos, length, o_m, o_m < length
-
-
-@triton.jit
 def _query_rows(cu_seqlens, num_tiles, num_heads, BLOCK_M: tl.constexpr, PACK: tl.constexpr):
     """A program's BLOCK_M rows: BLOCK_M // PACK consecutive tokens x PACK consecutive q heads of one kv
     group (row r = token r // PACK, head r % PACK). Returns (seq, first head, first token of the sequence,
@@ -88,6 +75,16 @@ def _first_chunk(b_sel, after):
     visits exactly the union of the rows' selections, in increasing order."""
     b_next = tl.where(b_sel > after, b_sel, 2147483647)
     return tl.min(tl.min(b_next, axis=1), axis=0)
+
+
+@triton.jit
+def _chunk_keys(b_sel, j, chunk_size, length, last, CAUSAL: tl.constexpr):
+    """The rows of the tile that selected chunk j, and the end of the keys they may see in it."""
+    b_rows = tl.max(tl.where(b_sel == j, 1, 0), axis=1) > 0
+    k_end = tl.minimum((j + 1) * chunk_size, length)
+    if CAUSAL:
+        k_end = tl.minimum(k_end, last + 1)
+    return b_rows, k_end
 
 
 @triton.jit
@@ -129,10 +126,7 @@ def routed_fwd_kernel(
     last, end = _chunk_range(o_m, length, chunk_size, CAUSAL, BLOCK_M)
     j = _first_chunk(b_sel, -1)
     while j < end:  # the union of the rows' selected chunks
-        b_rows = tl.max(tl.where(b_sel == j, 1, 0), axis=1) > 0  # the rows that selected chunk j
-        k_end = tl.minimum((j + 1) * chunk_size, length)
-        if CAUSAL:
-            k_end = tl.minimum(k_end, last + 1)
+        b_rows, k_end = _chunk_keys(b_sel, j, chunk_size, length, last, CAUSAL)
         for n0 in range(j * chunk_size, k_end, BLOCK_N):
             o_n = n0 + tl.arange(0, BLOCK_N)
             m_n = o_n < k_end
@@ -186,10 +180,7 @@ def routed_bwd_dq_kernel(
     last, end = _chunk_range(o_m, length, chunk_size, CAUSAL, BLOCK_M)
     j = _first_chunk(b_sel, -1)
     while j < end:  # the union of the rows' selected chunks, as in the forward
-        b_rows = tl.max(tl.where(b_sel == j, 1, 0), axis=1) > 0
-        k_end = tl.minimum((j + 1) * chunk_size, length)
-        if CAUSAL:
-            k_end = tl.minimum(k_end, last + 1)
+        b_rows, k_end = _chunk_keys(b_sel, j, chunk_size, length, last, CAUSAL)
         for n0 in range(j * chunk_size, k_end, BLOCK_N):
             o_n = n0 + tl.arange(0, BLOCK_N)
             m_n = o_n < k_end
@@ -211,8 +202,8 @@ def mark_tiles_kernel(sel, cu_seqlens, base, flags, top_k, num_tiles, num_heads,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """flags[base[s] + (h * M_s + c) * tiles_s + tile] = 1 when a row of (s, tile, h) selected chunk c, where
     M_s and tiles_s are sequence s's chunk and tile counts: the (chunk -> query tiles) table of the dk/dv pass."""
-    i_s, i_h, bos, length, o_m, m_m = _query_tile(cu_seqlens, num_tiles, num_heads, BLOCK_M)
-    i_m = (tl.program_id(0).to(tl.int64) // num_heads) % num_tiles
+    i_s, i_h, bos, length, o_m, _, m_m = _query_rows(cu_seqlens, num_tiles, num_heads, BLOCK_M, 1)
+    i_m = o_m[:, None] // BLOCK_M  # the tile (the same on every row)
     o_k = tl.arange(0, BLOCK_K)
     b_sel = tl.load(sel + ((bos + o_m[:, None]) * num_heads + i_h) * top_k + o_k[None, :],
                     mask=m_m[:, None] & (o_k[None, :] < top_k), other=-1)
