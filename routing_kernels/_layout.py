@@ -16,7 +16,9 @@ def ceil_div(a: int, b: int) -> int:
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 inputs accumulate in fp64; everything else in fp32."""
+    """The one rule for accumulation and for fp32-or-wider outputs (chunk_route's weights, attention's lse):
+    fp64 inputs accumulate in fp64; everything else in fp32. Its C++ twin is the one helper in
+    csrc/include/routing_kernels/."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

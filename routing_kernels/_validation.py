@@ -1,6 +1,7 @@
 """Argument checks shared by every op: one place, messages that name the argument."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -78,12 +79,39 @@ def check_cu_seqlens_values(cu_seqlens: Optional[Tensor], max_seqlen: Optional[i
         _fail(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({lengths.max().item()})")
 
 
+_DEBUG = os.environ.get("ROUTING_KERNELS_DEBUG", "0") == "1"
+
+
+def set_debug(enabled: bool) -> None:
+    """Validate cu_seqlens values on GPU tensors too (start 0, non-decreasing, end T, max_seqlen large
+    enough). Off by default there, because reading them is a device sync that would break CUDA-graph capture
+    and stall the stream on every call; CPU tensors are always validated. ``ROUTING_KERNELS_DEBUG=1`` turns it
+    on at import."""
+    global _DEBUG
+    _DEBUG = bool(enabled)
+
+
+def prepare_offsets(cu_seqlens: Optional[Tensor], max_seqlen: Optional[int], num_tokens: int) -> Optional[Tensor]:
+    """Inside an op: validate cu_seqlens' values where that costs no device sync (CPU tensors, or debug mode)
+    and return it contiguous, so that every kernel may index it by raw position (a strided view such as
+    ``cu[::2]`` would otherwise be read as the wrong offsets)."""
+    if cu_seqlens is None:
+        return None
+    if cu_seqlens.device.type == "cpu" or _DEBUG:
+        check_cu_seqlens_values(cu_seqlens, max_seqlen, num_tokens)
+    return cu_seqlens.contiguous()
+
+
 def resolve_max_seqlen(cu_seqlens: Optional[Tensor], max_seqlen: Optional[int]) -> Optional[int]:
-    """The public functions compute max_seqlen when the caller did not give it."""
+    """The public functions compute max_seqlen when the caller did not give it (a device sync on GPU)."""
     if cu_seqlens is None or max_seqlen is not None:
         return max_seqlen
     if not isinstance(cu_seqlens, Tensor):
         return None  # check_cu_seqlens_shape reports it
+    if is_compiling():
+        raise ValueError("max_seqlen is required with cu_seqlens under torch.compile: it sizes the outputs, and "
+                         "computing it from cu_seqlens' values would be a data-dependent shape; pass "
+                         "max_seqlen=int (the longest sequence length)")
     lengths = cu_seqlens.detach().to("cpu", torch.int64).diff()
     return int(lengths.max().item()) if lengths.numel() else 0
 

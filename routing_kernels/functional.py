@@ -3,7 +3,13 @@
 ``backend``: None picks the fastest implementation available for the tensors' device; "reference" runs
 the eager PyTorch reference (autograd by PyTorch itself); "cpu", "cuda", "triton" ask for that kernel
 and raise ValueError when it is not available for the op, device or dtype. The order None tries is in
-``_backend.PREFERENCE``: CUDA tensors Triton then CUDA C++; CPU tensors the C++ kernel; else the reference.
+``_backend.PREFERENCE``: CUDA tensors Triton then CUDA C++; CPU tensors the C++ kernel; else the reference,
+except that the attention ops refuse to fall back to their O(L^2)-memory references for long inputs unless
+asked by name. The choice is an argument of the op, so it holds under ``torch.compile`` as in eager mode.
+
+Varlen calls: on CPU tensors the values of ``cu_seqlens`` are validated on every call; on GPU tensors only
+in debug mode (``routing_kernels.set_debug(True)`` or ``ROUTING_KERNELS_DEBUG=1``), because reading them is a
+device sync. Pass ``max_seqlen`` on GPU (computing it is a sync) and always under ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -13,7 +19,8 @@ import torch
 from torch import Tensor
 
 from . import ops as _ops  # noqa: F401  (registers the ops)
-from ._backend import check_backend, use_backend
+from ._backend import check_backend
+from ._layout import ceil_div
 from ._validation import check_cu_seqlens_values, is_compiling, resolve_max_seqlen
 from .ops.chunk_mean.op import check_args as _check_chunk_mean
 from .ops.chunk_mean.reference import chunk_mean_ref
@@ -33,20 +40,14 @@ class ChunkRouteOutput(NamedTuple):
 
 def _prepare(check, x: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: Optional[int],
              backend: Optional[str], *args, **kwargs) -> Optional[int]:
-    """Validate everything (metadata, then cu_seqlens values when eager) and fill in max_seqlen."""
+    """Validate the metadata and fill in max_seqlen. The ops validate cu_seqlens' values themselves; the
+    reference path does not go through an op, so it is validated here."""
     check_backend(backend)
     max_seqlen = resolve_max_seqlen(cu_seqlens, max_seqlen)
     check(*args, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **kwargs)
-    if cu_seqlens is not None and not is_compiling():
+    if backend == "reference" and cu_seqlens is not None and not is_compiling():
         check_cu_seqlens_values(cu_seqlens, max_seqlen, x.shape[0])
     return max_seqlen
-
-
-def _run(backend: Optional[str], op, *args, **kwargs):
-    if backend is None:
-        return op(*args, **kwargs)
-    with use_backend(backend):
-        return op(*args, **kwargs)
 
 
 def chunk_mean(x: Tensor, chunk_size: int, *, cu_seqlens: Optional[Tensor] = None,
@@ -76,8 +77,8 @@ def chunk_mean(x: Tensor, chunk_size: int, *, cu_seqlens: Optional[Tensor] = Non
     max_seqlen = _prepare(_check_chunk_mean, x, cu_seqlens, max_seqlen, backend, x, chunk_size)
     if backend == "reference":
         return chunk_mean_ref(x, chunk_size, cu_seqlens, max_seqlen)
-    return _run(backend, torch.ops.routing_kernels.chunk_mean, x, chunk_size, cu_seqlens=cu_seqlens,
-                max_seqlen=max_seqlen)
+    return torch.ops.routing_kernels.chunk_mean(x, chunk_size, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                                backend=backend)
 
 
 def chunk_route(x: Tensor, query: Tensor, chunk_size: int, *, cu_seqlens: Optional[Tensor] = None,
@@ -110,14 +111,19 @@ def chunk_route(x: Tensor, query: Tensor, chunk_size: int, *, cu_seqlens: Option
                           scale=scale)
     if backend == "reference":
         return ChunkRouteOutput(*chunk_route_ref(x, query, chunk_size, cu_seqlens, max_seqlen, scale))
-    return ChunkRouteOutput(*_run(backend, torch.ops.routing_kernels.chunk_route, x, query, chunk_size,
-                                  cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale))
+    return ChunkRouteOutput(*torch.ops.routing_kernels.chunk_route(x, query, chunk_size, cu_seqlens=cu_seqlens,
+                                                                   max_seqlen=max_seqlen, scale=scale,
+                                                                   backend=backend))
 
 
-def route_chunks(q: Tensor, k: Tensor, chunk_size: int, top_k: int, *, causal: bool = True,
-                 cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-                 backend: Optional[str] = None) -> Tensor:
+def select_chunks(q: Tensor, k: Tensor, chunk_size: int, top_k: int, *, causal: bool = True,
+                  cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
+                  backend: Optional[str] = None) -> Tensor:
     """MoBA gate: the chunks each query token attends to (its own chunk plus the top_k - 1 best).
+
+    ``route_chunks`` is the same function under its first name (kept as an alias; the op stays
+    ``torch.ops.routing_kernels.route_chunks``). The new name says what it returns, and is no longer one
+    word order away from :func:`chunk_route`, which is a different op.
 
     Gate ``g_i = <q_t, mean of k over chunk i>`` (fp32, unscaled) against the chunk means of the token's
     kv head ``h // (Hq // Hkv)``. Eligible chunks besides the own one: those ending before t when causal
@@ -136,17 +142,17 @@ def route_chunks(q: Tensor, k: Tensor, chunk_size: int, top_k: int, *, causal: b
         ValueError / TypeError naming the argument (top_k < 1, Hq not a multiple of Hkv, ...).
     Example:
         >>> q, k = torch.randn(1, 1000, 8, 64), torch.randn(1, 1000, 2, 64)
-        >>> route_chunks(q, k, 128, 3).shape
+        >>> select_chunks(q, k, 128, 3).shape
         torch.Size([1, 1000, 8, 3])
         >>> cu = torch.tensor([0, 600, 1000], dtype=torch.int32)
-        >>> route_chunks(q[0], k[0], 128, 3, cu_seqlens=cu).shape
+        >>> select_chunks(q[0], k[0], 128, 3, cu_seqlens=cu).shape
         torch.Size([1000, 8, 3])
     """
     max_seqlen = _prepare(_check_route_chunks, q, cu_seqlens, max_seqlen, backend, q, k, chunk_size, top_k)
     if backend == "reference":
         return route_chunks_ref(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
-    return _run(backend, torch.ops.routing_kernels.route_chunks, q, k, chunk_size, top_k, causal=causal,
-                cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    return torch.ops.routing_kernels.route_chunks(q, k, chunk_size, top_k, causal=causal, cu_seqlens=cu_seqlens,
+                                                  max_seqlen=max_seqlen, backend=backend)
 
 
 def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: int, *, causal: bool = True,
@@ -154,21 +160,26 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: in
                      scale: Optional[float] = None, return_lse: bool = False, backend: Optional[str] = None):
     """Block-sparse attention over each query's top_k chunks (MoBA semantics).
 
-    Exact softmax attention of q_t over the keys of the chunks :func:`route_chunks` selects for (t, h),
+    Exact softmax attention of q_t over the keys of the chunks :func:`select_chunks` selects for (t, h),
     restricted to keys at positions <= t when causal. GQA without replicating k/v. With top_k >= M it
     equals dense attention. Gradients flow to q, k and v through the attention, not the selection.
 
     Args:
         q: (B, N, Hq, D) or packed (T, Hq, D).  k: (.., Hkv, D).  v: (.., Hkv, Dv). Same dtype and device.
-        chunk_size, top_k, causal: as in :func:`route_chunks`.
+        chunk_size, top_k, causal: as in :func:`select_chunks`.
         cu_seqlens, max_seqlen: varlen layout, as in :func:`chunk_mean`.
         scale: softmax scale, default D ** -0.5.
         return_lse: also return the log-sum-exp of the scaled scores, (B, N, Hq) / (T, Hq) fp32.
-        backend: None, "reference", "triton" (not fp64) or "cpu".
+        backend: None, "reference", "triton" (not fp64) or "cpu". With None, a dense batch in which every
+            query selects every chunk it may see (top_k >= M = ceil(N / chunk_size)) runs dense attention
+            through ``torch.nn.functional.scaled_dot_product_attention`` instead: the same result (to
+            rounding), without the gate, at the speed of PyTorch's flash kernels (not when ``return_lse``,
+            or when Dv != D). Naming a backend always runs that backend.
     Returns:
         o (.., Hq, Dv) in q's dtype, or (o, lse) when return_lse.
     Raises:
-        ValueError / TypeError naming the argument.
+        ValueError / TypeError naming the argument; ValueError when no kernel fits (e.g. fp64 on CUDA) and the
+        O(L^2)-memory reference would need more than 1 GiB, unless backend="reference" was asked for.
     Example:
         >>> q, k, v = torch.randn(1, 1000, 8, 64), torch.randn(1, 1000, 2, 64), torch.randn(1, 1000, 2, 64)
         >>> routed_attention(q, k, v, 128, 3).shape
@@ -180,7 +191,30 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: in
                           scale=scale)
     if backend == "reference":
         o, lse = routed_attention_ref(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale)
+    elif backend is None and not return_lse and _routing_selects_everything(q, v, chunk_size, top_k, cu_seqlens):
+        return _dense_attention(q, k, v, causal, scale)
     else:
-        o, lse = _run(backend, torch.ops.routing_kernels.routed_attention, q, k, v, chunk_size, top_k,
-                      causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
+        o, lse = torch.ops.routing_kernels.routed_attention(q, k, v, chunk_size, top_k, causal=causal,
+                                                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                                            scale=scale, backend=backend)
     return (o, lse) if return_lse else o
+
+
+def _routing_selects_everything(q: Tensor, v: Tensor, chunk_size: int, top_k: int,
+                                cu_seqlens: Optional[Tensor]) -> bool:
+    """With top_k >= M every query selects every chunk it may see (its own and, causal, all earlier ones;
+    non-causal, all), so routed attention IS dense attention and the gate is wasted work. Dense batches only:
+    SDPA has no varlen layout on every device."""
+    return (cu_seqlens is None and q.shape[1] > 0 and top_k >= ceil_div(q.shape[1], chunk_size)
+            and v.shape[-1] == q.shape[-1])
+
+
+def _dense_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float]) -> Tensor:
+    """Dense (B, N, H, D) attention through SDPA (flash / memory-efficient kernels, autograd by PyTorch)."""
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2])
+    return o.transpose(1, 2).contiguous()  # already (B, N, H, D) in memory for the flash kernels: no copy
+
+
+route_chunks = select_chunks  # the gate's first name, kept for existing code

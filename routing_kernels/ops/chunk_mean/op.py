@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ... import _backend, _ext, _triton
 from ..._layout import ceil_div
-from ..._validation import check_cu_seqlens_shape, check_cu_seqlens_values, check_int, check_tensor
+from ..._validation import check_cu_seqlens_shape, check_int, check_tensor, prepare_offsets
 from .reference import chunk_mean_backward_ref, chunk_mean_ref
 
 
@@ -24,32 +24,55 @@ def out_shape(x: Tensor, chunk_size: int, cu_seqlens: Optional[Tensor], max_seql
     return (cu_seqlens.shape[0] - 1, ceil_div(max_seqlen, chunk_size), *x.shape[1:])
 
 
-def backend_for(x: Tensor) -> str:
+def backend_for(x: Tensor, requested: Optional[str]) -> str:
     device = x.device.type
     available = {"cpu": device == "cpu" and _ext.has_kernel("chunk_mean_fwd", "cpu"),
                  "cuda": device == "cuda" and _ext.has_kernel("chunk_mean_fwd", "cuda"),
                  "triton": _triton.can_run(device) and x.dtype != torch.float64}
-    return _backend.select("chunk_mean", device, _backend.requested_backend(), available)
+    return _backend.select("chunk_mean", device, requested, available)
+
+
+def _max_len(x: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: Optional[int]) -> int:
+    return x.shape[1] if cu_seqlens is None else max_seqlen
+
+
+def _cpp_fwd(x, chunk_size, cu_seqlens, max_seqlen):
+    return torch.ops.routing_kernels.chunk_mean_fwd(x, chunk_size, cu_seqlens, _max_len(x, cu_seqlens, max_seqlen))
+
+
+def _triton_fwd(x, chunk_size, cu_seqlens, max_seqlen):
+    from .triton import chunk_mean_fwd
+    return chunk_mean_fwd(x, chunk_size, cu_seqlens, max_seqlen)[0].to(x.dtype)
+
+
+def _cpp_bwd(grad_mean, x, chunk_size, cu_seqlens, max_seqlen):
+    return torch.ops.routing_kernels.chunk_mean_bwd(grad_mean, x, chunk_size, cu_seqlens,
+                                                    _max_len(x, cu_seqlens, max_seqlen))
+
+
+def _triton_bwd(grad_mean, x, chunk_size, cu_seqlens, max_seqlen):
+    from .triton import chunk_mean_bwd
+    return chunk_mean_bwd(grad_mean, x, chunk_size, cu_seqlens, max_seqlen)
+
+
+# backend -> implementation, forward and backward (the tests wrap these entries to see what ran).
+KERNELS = {"reference": chunk_mean_ref, "triton": _triton_fwd, "cpu": _cpp_fwd, "cuda": _cpp_fwd}
+BACKWARD_KERNELS = {"reference": chunk_mean_backward_ref, "triton": _triton_bwd, "cpu": _cpp_bwd}
+# The CUDA C++ backend has a forward kernel only: its backward is the eager reference on the GPU (one
+# gather, O(N) memory, exact). A CUDA backward kernel waits for the host emulation that lets CI execute it.
+BACKWARD_OF = {"reference": "reference", "triton": "triton", "cpu": "cpu", "cuda": "reference"}
 
 
 @torch.library.custom_op("routing_kernels::chunk_mean", mutates_args=())
-def chunk_mean(x: Tensor, chunk_size: int, cu_seqlens: Optional[Tensor] = None,
-               max_seqlen: Optional[int] = None) -> Tensor:
+def chunk_mean(x: Tensor, chunk_size: int, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
+               backend: Optional[str] = None) -> Tensor:
     check_args(x, chunk_size, cu_seqlens, max_seqlen)
-    if x.device.type == "cpu":
-        check_cu_seqlens_values(cu_seqlens, max_seqlen, x.shape[0])
-    backend = backend_for(x)
-    if backend in ("cpu", "cuda"):
-        n = max_seqlen if cu_seqlens is not None else x.shape[1]
-        return torch.ops.routing_kernels.chunk_mean_fwd(x, chunk_size, cu_seqlens, n)
-    if backend == "triton":
-        from .triton import chunk_mean_fwd
-        return chunk_mean_fwd(x, chunk_size, cu_seqlens, max_seqlen)[0].to(x.dtype)
-    return chunk_mean_ref(x, chunk_size, cu_seqlens, max_seqlen)
+    cu_seqlens = prepare_offsets(cu_seqlens, max_seqlen, x.shape[0])
+    return KERNELS[backend_for(x, backend)](x, chunk_size, cu_seqlens, max_seqlen)
 
 
 @chunk_mean.register_fake
-def _(x, chunk_size, cu_seqlens=None, max_seqlen=None):
+def _(x, chunk_size, cu_seqlens=None, max_seqlen=None, backend=None):
     check_args(x, chunk_size, cu_seqlens, max_seqlen)
     return x.new_empty(out_shape(x, chunk_size, cu_seqlens, max_seqlen))
 
@@ -57,10 +80,8 @@ def _(x, chunk_size, cu_seqlens=None, max_seqlen=None):
 @torch.library.custom_op("routing_kernels::chunk_mean_backward", mutates_args=())
 def chunk_mean_backward(grad_mean: Tensor, x: Tensor, chunk_size: int, cu_seqlens: Optional[Tensor],
                         max_seqlen: Optional[int], backend: str = "reference") -> Tensor:
-    if backend == "triton":
-        from .triton import chunk_mean_bwd
-        return chunk_mean_bwd(grad_mean, x, chunk_size, cu_seqlens, max_seqlen)
-    return chunk_mean_backward_ref(grad_mean, x, chunk_size, cu_seqlens, max_seqlen)
+    cu_seqlens = None if cu_seqlens is None else cu_seqlens.contiguous()
+    return BACKWARD_KERNELS[backend](grad_mean, x, chunk_size, cu_seqlens, max_seqlen).contiguous()
 
 
 @chunk_mean_backward.register_fake
@@ -69,17 +90,19 @@ def _(grad_mean, x, chunk_size, cu_seqlens, max_seqlen, backend="reference"):
 
 
 def _setup_context(ctx, inputs, output):
-    x, chunk_size, cu_seqlens, max_seqlen = inputs
+    x, chunk_size, cu_seqlens, max_seqlen, backend = inputs
     ctx.save_for_backward(x, cu_seqlens)
     ctx.chunk_size, ctx.max_seqlen = chunk_size, max_seqlen
-    ctx.backend = "triton" if backend_for(x) == "triton" else "reference"  # C++ backwards are not written yet
+    ctx.backend = BACKWARD_OF[backend_for(x, backend)]
+    if ctx.backend == "cpu" and not _ext.has_kernel("chunk_mean_bwd", "cpu"):  # TEMP until the C++ kernel lands
+        ctx.backend = "reference"
 
 
 def _backward(ctx, grad_mean):
     x, cu_seqlens = ctx.saved_tensors
     dx = torch.ops.routing_kernels.chunk_mean_backward(grad_mean, x, ctx.chunk_size, cu_seqlens, ctx.max_seqlen,
                                                           ctx.backend)
-    return dx, None, None, None
+    return dx, None, None, None, None
 
 
 chunk_mean.register_autograd(_backward, setup_context=_setup_context)

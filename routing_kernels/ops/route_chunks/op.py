@@ -7,8 +7,9 @@ import torch
 from torch import Tensor
 
 from ... import _backend, _ext, _triton
-from ..._validation import (check_cu_seqlens_shape, check_cu_seqlens_values, check_heads, check_int,
-                            check_same_tokens, check_tensor)
+from ..._layout import ceil_div
+from ..._validation import (check_cu_seqlens_shape, check_heads, check_int, check_same_tokens, check_tensor,
+                            prepare_offsets)
 from .reference import route_chunks_ref
 
 
@@ -37,28 +38,43 @@ def available_backends(q: Tensor, cpp_op: str) -> dict:
             "cpu": device == "cpu" and _ext.has_kernel(cpp_op, "cpu")}
 
 
-def backend_for(q: Tensor) -> str:
-    return _backend.select("route_chunks", q.device.type, _backend.requested_backend(),
-                           available_backends(q, "route_chunks_fwd"))
+def longest(q: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: Optional[int]) -> int:
+    return q.shape[1] if cu_seqlens is None else max_seqlen
+
+
+def backend_for(q: Tensor, requested: Optional[str], chunk_size: int, max_len: int) -> str:
+    chosen = _backend.select("route_chunks", q.device.type, requested, available_backends(q, "route_chunks_fwd"))
+    # The reference scores every (token, head, chunk) of a sequence at once and sorts them (int64 indices).
+    nbytes = max_len * q.shape[-2] * ceil_div(max_len, chunk_size) * 20
+    _backend.refuse_quadratic_fallback("route_chunks", q.device.type, q.dtype, requested, chosen, nbytes)
+    return chosen
+
+
+def _triton_fwd(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen):
+    from .triton import route_chunks_triton
+    return route_chunks_triton(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
+
+
+def _cpp_fwd(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen):
+    return torch.ops.routing_kernels.route_chunks_fwd(q, k, chunk_size, top_k, causal, cu_seqlens,
+                                                      longest(q, cu_seqlens, max_seqlen))
+
+
+# backend -> implementation (the tests wrap these entries to see what ran).
+KERNELS = {"reference": route_chunks_ref, "triton": _triton_fwd, "cpu": _cpp_fwd}
 
 
 @torch.library.custom_op("routing_kernels::route_chunks", mutates_args=())
 def route_chunks(q: Tensor, k: Tensor, chunk_size: int, top_k: int, causal: bool = True,
-                 cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
+                 cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
+                 backend: Optional[str] = None) -> Tensor:
     check_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen)
-    if q.device.type == "cpu":
-        check_cu_seqlens_values(cu_seqlens, max_seqlen, q.shape[0])
-    backend = backend_for(q)
-    if backend == "triton":
-        from .triton import route_chunks_triton
-        return route_chunks_triton(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
-    if backend == "cpu":
-        n = max_seqlen if cu_seqlens is not None else q.shape[1]
-        return torch.ops.routing_kernels.route_chunks_fwd(q, k, chunk_size, top_k, causal, cu_seqlens, n)
-    return route_chunks_ref(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
+    cu_seqlens = prepare_offsets(cu_seqlens, max_seqlen, q.shape[0])
+    name = backend_for(q, backend, chunk_size, longest(q, cu_seqlens, max_seqlen))
+    return KERNELS[name](q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
 
 
 @route_chunks.register_fake
-def _(q, k, chunk_size, top_k, causal=True, cu_seqlens=None, max_seqlen=None):
+def _(q, k, chunk_size, top_k, causal=True, cu_seqlens=None, max_seqlen=None, backend=None):
     check_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen)
     return q.new_empty((*q.shape[:-1], top_k), dtype=torch.int32)
