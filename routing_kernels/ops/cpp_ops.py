@@ -1,0 +1,120 @@
+"""The C++ kernels as torch ops: fake kernels and autograd for ``torch.ops.routing_kernels.*_fwd / *_bwd``.
+
+csrc/registration.cpp declares these schemas and csrc/{cpu,cuda}/ register their kernels. They are the
+kernels behind the public ops' ``backend="cpu"`` / ``"cuda"``; the public ops (``chunk_mean``, ``chunk_route``,
+``route_chunks``, ``routed_attention``) are what users should call. Called directly they still behave as torch
+ops should (as pytorch/extension-cpp registers them): a fake kernel each, so FakeTensorMode and torch.compile
+can trace them, and autograd on the forward kernels, wired to their backward kernels, so a requires_grad
+input gets its gradient instead of a silent None. The backward kernels have no derivative themselves: double
+backward raises.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from .._layout import accum_dtype
+from .chunk_mean.op import out_shape as chunk_mean_shape
+
+_NS = "routing_kernels::"
+
+
+def _lengths_shape(x, chunk_size, cu_seqlens, max_seqlen):
+    """(S, M, H, D) of the C++ kernels, whose max_seqlen is N for a dense batch."""
+    return chunk_mean_shape(x, chunk_size, cu_seqlens, max_seqlen)
+
+
+def _declared(name: str) -> bool:
+    """Whether the loaded _C declares the op (an extension built from an older tree may lack a newer one)."""
+    return torch._C._dispatch_has_kernel(_NS + name)
+
+
+def _contiguous_like(t):
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _no_double_backward(name):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{name} has no derivative (double backward through routing_kernels is not supported)")
+    return backward
+
+
+def _register_fakes():
+    def chunk_mean_fwd(x, chunk_size, cu_seqlens, max_seqlen):
+        return x.new_empty(_lengths_shape(x, chunk_size, cu_seqlens, max_seqlen))
+
+    def chunk_mean_bwd(grad_mean, x, chunk_size, cu_seqlens, max_seqlen):
+        return _contiguous_like(x)
+
+    def chunk_route_fwd(x, query, chunk_size, cu_seqlens, max_seqlen, scale):
+        s, m, h, d = _lengths_shape(x, chunk_size, cu_seqlens, max_seqlen)
+        return x.new_empty(x.shape), x.new_empty((s, h, m), dtype=accum_dtype(x.dtype)), x.new_empty((s, h, d))
+
+    def chunk_route_bwd(dy, dweights, dsummary, x, query, weights, chunk_size, cu_seqlens, max_seqlen, scale):
+        return _contiguous_like(x), _contiguous_like(query)
+
+    def route_chunks_fwd(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen):
+        return q.new_empty((*q.shape[:-1], top_k), dtype=torch.int32)
+
+    def routed_attention_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale):
+        return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=accum_dtype(q.dtype))
+
+    def routed_attention_bwd(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale):
+        return _contiguous_like(q), _contiguous_like(k), _contiguous_like(v)
+
+    for fn in (chunk_mean_fwd, chunk_mean_bwd, chunk_route_fwd, chunk_route_bwd, route_chunks_fwd,
+               routed_attention_fwd, routed_attention_bwd):
+        if _declared(fn.__name__):
+            torch.library.register_fake(_NS + fn.__name__, fn)
+
+
+def _register_autograd():
+    ops = torch.ops.routing_kernels
+
+    def chunk_mean_setup(ctx, inputs, output):
+        x, chunk_size, cu_seqlens, max_seqlen = inputs
+        ctx.save_for_backward(x, cu_seqlens)
+        ctx.args = (chunk_size, max_seqlen)
+
+    def chunk_mean_backward(ctx, grad_mean):
+        x, cu_seqlens = ctx.saved_tensors
+        chunk_size, max_seqlen = ctx.args
+        return ops.chunk_mean_bwd(grad_mean, x, chunk_size, cu_seqlens, max_seqlen), None, None, None
+
+    def chunk_route_setup(ctx, inputs, output):
+        x, query, chunk_size, cu_seqlens, max_seqlen, scale = inputs
+        ctx.save_for_backward(x, query, output[1], cu_seqlens)
+        ctx.args = (chunk_size, max_seqlen, scale)
+
+    def chunk_route_backward(ctx, dy, dweights, dsummary):
+        x, query, weights, cu_seqlens = ctx.saved_tensors
+        chunk_size, max_seqlen, scale = ctx.args
+        dx, dq = ops.chunk_route_bwd(dy, dweights, dsummary, x, query, weights, chunk_size, cu_seqlens, max_seqlen,
+                                     scale)
+        return dx, dq, None, None, None, None
+
+    def attention_setup(ctx, inputs, output):
+        q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale = inputs
+        ctx.save_for_backward(q, k, v, *output, cu_seqlens)
+        ctx.args = (chunk_size, top_k, causal, max_seqlen, scale)
+
+    def attention_backward(ctx, do, dlse):
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        chunk_size, top_k, causal, max_seqlen, scale = ctx.args
+        dq, dk, dv = ops.routed_attention_bwd(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens,
+                                              max_seqlen, scale)
+        return dq, dk, dv, None, None, None, None, None, None
+
+    if _declared("chunk_mean_bwd"):
+        torch.library.register_autograd(_NS + "chunk_mean_fwd", chunk_mean_backward, setup_context=chunk_mean_setup)
+    torch.library.register_autograd(_NS + "chunk_route_fwd", chunk_route_backward, setup_context=chunk_route_setup)
+    torch.library.register_autograd(_NS + "routed_attention_fwd", attention_backward, setup_context=attention_setup)
+    for name in ("chunk_mean_bwd", "chunk_route_bwd", "routed_attention_bwd"):
+        if _declared(name):
+            torch.library.register_autograd(_NS + name, _no_double_backward(name))
+    # route_chunks_fwd returns int32 indices: nothing to differentiate.
+
+
+if _ext.HAS_C:
+    _register_fakes()
+    _register_autograd()
