@@ -11,12 +11,10 @@ from routing_kernels.ops.chunk_route.reference import chunk_route_ref
 from routing_kernels.ops.route_chunks.reference import route_chunks_ref
 from routing_kernels.ops.routed_attention.reference import routed_attention_ref
 from shapes import LAYOUT_IDS, LAYOUTS, make, num_seqs
+from tolerance import assert_close_scaled
 
 OPS = torch.ops.routing_kernels
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-# Error allowed against the reference run in the same dtype (both accumulate in fp32).
-TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5),
-       torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
 
 
 def _grads(outs, inputs, seed=0):
@@ -39,8 +37,8 @@ def test_chunk_mean_op(case, dtype):
     x, cu, ms = make(layout, heads=3, dim=5, dtype=dtype)
     (xa,), (xb,) = _leaf(x), _leaf(x)
     got, want = OPS.chunk_mean(xa, cs, cu, ms), chunk_mean_ref(xb, cs, cu, ms)
-    torch.testing.assert_close(got, want, **TOL[dtype])
-    torch.testing.assert_close(_grads([got], [xa]), _grads([want], [xb]), **TOL[dtype])
+    assert_close_scaled(got, want, dtype)
+    assert_close_scaled(_grads([got], [xa]), _grads([want], [xb]), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -52,8 +50,8 @@ def test_chunk_route_op(case, dtype):
     a, b = _leaf(x, query), _leaf(x, query)
     got, want = OPS.chunk_route(*a, cs, cu, ms), chunk_route_ref(*b, cs, cu, ms)
     assert got[1].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    torch.testing.assert_close(got, want, **TOL[dtype])
-    torch.testing.assert_close(_grads(got, a), _grads(want, b), **TOL[dtype])
+    assert_close_scaled(got, want, dtype)
+    assert_close_scaled(_grads(got, a), _grads(want, b), dtype)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
@@ -75,8 +73,8 @@ def test_routed_attention_op(case, dtype):
     v, _, _ = make(layout, heads=2, dim=6, dtype=dtype, seed=2)
     a, b = _leaf(q, k, v), _leaf(q, k, v)
     got, want = OPS.routed_attention(*a, cs, 2, True, cu, ms), routed_attention_ref(*b, cs, 2, True, cu, ms)
-    torch.testing.assert_close(got, want, **TOL[dtype])
-    torch.testing.assert_close(_grads(got, a), _grads(want, b), **TOL[dtype])
+    assert_close_scaled(got, want, dtype)
+    assert_close_scaled(_grads(got, a), _grads(want, b), dtype)
 
 
 def test_expanded_and_noncontiguous_inputs_and_grads():
