@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared device visit (see ../shared/GPU.md), run from the repo root, under 8 minutes:
+# The one prepared device visit (the team notes on using the GPU are kept outside this repository; everything needed is here), run from the repo root, under 8 minutes:
 #   versions -> build the extension in place -> GPU tests -> ceilings + benchmarks into $OUT.
 # Call:  run(command="PYTHONUNBUFFERED=1 bash bench/gpu_check.sh", timeout_s=480)
 # $OUT receives: log, bench_<gpu>_<date>.{csv,json,md,png}. The short table is printed last.
