@@ -62,34 +62,41 @@ def chunk_route(x, query, chunk_size, cu_seqlens=None, max_seqlen=None, scale=No
     return y, weights, summary
 
 
-def route_chunks(q, k, chunk_size, top_k, causal=True, cu_seqlens=None):
-    qs, ks = sequences(q, cu_seqlens), sequences(k, cu_seqlens)
+def route_chunks(q, k, chunk_size, top_k, causal=True, cu_seqlens=None, cu_seqlens_k=None):
+    """Queries are the last len(q_s) positions of each sequence of keys: query i sits at t = Lk - Lq + i."""
+    qs = sequences(q, cu_seqlens)
+    ks = sequences(k, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k)
     hq, hkv = q.shape[-2], k.shape[-2]
     outs = []
     for qq, kk in zip(qs, ks):
-        spans = chunks_of(qq.shape[0], chunk_size)
+        spans = chunks_of(kk.shape[0], chunk_size)
         means = [kk[a:b].mean(0) for a, b in spans]
         out = torch.full((qq.shape[0], hq, top_k), -1, dtype=torch.int64)
-        for t in range(qq.shape[0]):
+        for i in range(qq.shape[0]):
+            t = kk.shape[0] - qq.shape[0] + i
             own = t // chunk_size
             for h in range(hq):
                 kv = h // (hq // hkv)
                 cands = []
-                for i, (a, b) in enumerate(spans):
-                    if i == own or (causal and b > t):
+                for c, (a, b) in enumerate(spans):
+                    if c == own or (causal and b > t):
                         continue
-                    cands.append((-float(torch.dot(qq[t, h], means[i][kv])), i))  # sort: best gate, then index
-                chosen = sorted([own] + [i for _, i in sorted(cands)[: top_k - 1]])
-                out[t, h, : len(chosen)] = torch.tensor(chosen)
+                    cands.append((-float(torch.dot(qq[i, h], means[c][kv])), c))  # sort: best gate, then index
+                chosen = sorted([own] + [c for _, c in sorted(cands)[: top_k - 1]])
+                out[i, h, : len(chosen)] = torch.tensor(chosen)
         outs.append(out)
     if cu_seqlens is None:
         return torch.stack(outs)
     return torch.cat(outs) if outs else torch.zeros(0, hq, top_k, dtype=torch.int64)
 
 
-def routed_attention(q, k, v, chunk_size, top_k, causal=True, cu_seqlens=None, scale=None):
-    idx = route_chunks(q, k, chunk_size, top_k, causal, cu_seqlens)
-    qs, ks, vs = sequences(q, cu_seqlens), sequences(k, cu_seqlens), sequences(v, cu_seqlens)
+def routed_attention(q, k, v, chunk_size, top_k, causal=True, cu_seqlens=None, scale=None, cu_seqlens_k=None,
+                     block_indices=None):
+    """A row that selects no visible key (only with block_indices) gives o = 0, lse = -inf."""
+    idx = route_chunks(q, k, chunk_size, top_k, causal, cu_seqlens, cu_seqlens_k) if block_indices is None \
+        else block_indices
+    cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    qs, ks, vs = sequences(q, cu_seqlens), sequences(k, cu_k), sequences(v, cu_k)
     idx_seqs = sequences(idx, cu_seqlens)
     hq, hkv = q.shape[-2], k.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -98,10 +105,14 @@ def routed_attention(q, k, v, chunk_size, top_k, causal=True, cu_seqlens=None, s
         o = torch.zeros(qq.shape[0], hq, v.shape[-1], dtype=torch.float64)
         lse = torch.zeros(qq.shape[0], hq, dtype=torch.float64)
         for t in range(qq.shape[0]):
+            pos = kk.shape[0] - qq.shape[0] + t
             for h in range(hq):
                 kv = h // (hq // hkv)
                 chosen = {int(c) for c in sel[t, h] if c >= 0}
-                keys = [j for j in range(kk.shape[0]) if j // chunk_size in chosen and (not causal or j <= t)]
+                keys = [j for j in range(kk.shape[0]) if j // chunk_size in chosen and (not causal or j <= pos)]
+                if not keys:
+                    lse[t, h] = -math.inf
+                    continue
                 scores = torch.tensor([scale * float(torch.dot(qq[t, h], kk[j, kv])) for j in keys],
                                       dtype=torch.float64)
                 top = scores.max()

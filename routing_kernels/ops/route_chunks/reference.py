@@ -6,6 +6,11 @@ The own chunk t // chunk_size is always selected. Eligible others: chunks that e
 (i+1) * chunk_size <= t, when causal; every other chunk of the sequence when not. The top_k - 1
 eligible chunks with the largest gate are added (ties: lower index first). Indices are sorted
 ascending and padded with -1 at the end.
+
+Queries and keys may have different lengths (inference: chunked prefill, decode against a cache). The Lq
+queries of a sequence with Lk keys are its LAST Lq positions (bottom-right aligned, as flash-attn >= 2.1):
+query i sits at position t = Lk - Lq + i, and everything above holds with that t; chunks and their means
+are those of the keys. Lq == Lk is the training case.
 """
 from __future__ import annotations
 
@@ -17,13 +22,14 @@ from torch import Tensor
 from ..._layout import accum_dtype, ceil_div, chunk_means, pack, unpack_tokens
 
 
-def _select_sequence(q: Tensor, k_means: Tensor, chunk_size: int, top_k: int, causal: bool) -> Tensor:
-    """One sequence: q (L, Hq, D), k_means (n, Hkv, D) -> (L, Hq, top_k) int64, -1 padded."""
+def _select_sequence(q: Tensor, k_means: Tensor, chunk_size: int, top_k: int, causal: bool,
+                     offset: int = 0) -> Tensor:
+    """One sequence: q (L, Hq, D) at positions offset.., k_means (n, Hkv, D) -> (L, Hq, top_k) int64, -1 padded."""
     length, hq, _ = q.shape
     n = k_means.shape[0]
     group = hq // k_means.shape[1]
     gate = torch.einsum("thd,mhd->thm", q, k_means.repeat_interleave(group, dim=1))  # (L, Hq, n)
-    own = torch.arange(length, device=q.device) // chunk_size
+    own = (offset + torch.arange(length, device=q.device)) // chunk_size
     chunk = torch.arange(n, device=q.device)
     eligible = (chunk[None, :] < own[:, None]) if causal else (chunk[None, :] != own[:, None])
     eligible = eligible[:, None, :].expand(length, hq, n)
@@ -37,17 +43,35 @@ def _select_sequence(q: Tensor, k_means: Tensor, chunk_size: int, top_k: int, ca
     return torch.nn.functional.pad(picked, (0, pad), value=-1) if pad > 0 else picked
 
 
+def pack_qk(q: Tensor, k: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: Optional[int],
+            cu_seqlens_k: Optional[Tensor], max_seqlen_k: Optional[int]):
+    """Packed q and k, each with its own offsets: k shares q's unless cu_seqlens_k is given."""
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_seqlen_k = cu_seqlens, (max_seqlen if max_seqlen_k is None else max_seqlen_k)
+    elif max_seqlen_k is None:
+        max_seqlen_k = int(cu_seqlens_k.diff().max()) if cu_seqlens_k.numel() > 1 else 0
+    return pack(q, cu_seqlens, max_seqlen), pack(k, cu_seqlens_k, max_seqlen_k)
+
+
+def spans(pq, pk):
+    """Per sequence: (q start, q end, k start, k end); queries are the last q end - q start key positions."""
+    qb, kb = pq.cu_seqlens.tolist(), pk.cu_seqlens.tolist()
+    return list(zip(qb[:-1], qb[1:], kb[:-1], kb[1:]))
+
+
 def route_chunks_ref(q: Tensor, k: Tensor, chunk_size: int, top_k: int, causal: bool = True,
-                     cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
-    """int32 chunk indices (B, N, Hq, top_k), or (T, Hq, top_k) for varlen input."""
+                     cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None, *,
+                     cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None) -> Tensor:
+    """int32 chunk indices (B, Nq, Hq, top_k), or (Tq, Hq, top_k) for varlen input.
+
+    k may be longer than q: dense (B, Nk, Hkv, D), or packed with its own cu_seqlens_k / max_seqlen_k."""
     acc = accum_dtype(q.dtype)
-    pq = pack(q.detach(), cu_seqlens, max_seqlen)
-    pk = pack(k.detach(), cu_seqlens, max_seqlen)
+    pq, pk = pack_qk(q.detach(), k.detach(), cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     k_means, _, _ = chunk_means(pk, chunk_size, acc)  # (S, M, Hkv, D)
     out = torch.full((pq.data.shape[0], q.shape[-2], top_k), -1, dtype=torch.int64, device=q.device)
-    bounds = pq.cu_seqlens.tolist()
-    for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if end > start:
-            n = ceil_div(end - start, chunk_size)
-            out[start:end] = _select_sequence(pq.data[start:end].to(acc), k_means[s, :n], chunk_size, top_k, causal)
+    for s, (qs, qe, ks, ke) in enumerate(spans(pq, pk)):
+        if qe > qs:
+            n = ceil_div(ke - ks, chunk_size)
+            out[qs:qe] = _select_sequence(pq.data[qs:qe].to(acc), k_means[s, :n], chunk_size, top_k, causal,
+                                          offset=(ke - ks) - (qe - qs))
     return unpack_tokens(out.to(torch.int32), pq)

@@ -4,6 +4,11 @@ Query token t of head h attends, with exact softmax, to the keys of the chunks r
 (t, h), restricted to keys at positions <= t when causal. The own chunk is always selected and holds key t
 itself (causal) or a whole chunk (non-causal), so no row is empty. With top_k >= M this is dense attention.
 Per sequence the reference builds the (Hq, L, L) mask: it is O(L^2) memory, fine for a ground truth.
+
+Inference layouts (q shorter than k, see route_chunks/reference.py): query i of a sequence with Lq queries
+and Lk keys sits at position t = Lk - Lq + i and everything above holds with that t. ``block_indices``
+replaces the gate by the caller's selection ((.., Hq, top_k) int32 in q's layout, -1 = none, any order,
+repeats count once); a row that selects no visible key gets o = 0 and lse = -inf.
 """
 from __future__ import annotations
 
@@ -13,84 +18,103 @@ import torch
 from torch import Tensor
 
 from ..._layout import accum_dtype, ceil_div, pack, unpack_tokens
-from ..route_chunks.reference import route_chunks_ref
+from ..route_chunks.reference import pack_qk, route_chunks_ref, spans
 
 
-def _allowed(sel: Tensor, length: int, chunk_size: int, causal: bool) -> Tensor:
-    """sel (L, Hq, top_k) chunk indices (-1 padding) -> (Hq, L, L) bool: may query t see key j."""
-    n = ceil_div(length, chunk_size)
+def _allowed(sel: Tensor, q_len: int, k_len: int, chunk_size: int, causal: bool) -> Tensor:
+    """sel (Lq, Hq, top_k) chunk indices (-1 padding) -> (Hq, Lq, Lk) bool: may query i see key j."""
+    n = ceil_div(k_len, chunk_size)
     picked = torch.zeros(*sel.shape[:2], n + 1, dtype=torch.bool, device=sel.device)
     picked.scatter_(-1, sel.long().masked_fill(sel < 0, n), True)  # padding lands in the extra column
-    key_chunk = torch.arange(length, device=sel.device) // chunk_size
+    key_chunk = torch.arange(k_len, device=sel.device) // chunk_size
     allowed = picked[:, :, key_chunk].permute(1, 0, 2)  # (Hq, L_query, L_key)
     if causal:
-        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=sel.device).tril()
+        position = k_len - q_len + torch.arange(q_len, device=sel.device)  # bottom-right aligned queries
+        allowed = allowed & (torch.arange(k_len, device=sel.device)[None, :] <= position[:, None])
     return allowed
 
 
 def _probs(q: Tensor, k: Tensor, allowed: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Softmax over the allowed keys; a row with none gets p = 0 and lse = -inf (not NaN)."""
     scores = scale * torch.einsum("thd,jhd->htj", q, k)
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (Hq, L)
-    return torch.exp(scores - lse[..., None]), lse
+    p = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0)[..., None])
+    return p, lse
 
 
-def _sequences(cu_seqlens: Tensor):
-    bounds = cu_seqlens.tolist()
-    return [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+def _sequences(pq, pk):
+    return [span for span in spans(pq, pk) if span[1] > span[0]]
+
+
+def _selection(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k,
+               block_indices):
+    if block_indices is not None:
+        return block_indices
+    return route_chunks_ref(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, cu_seqlens_k=cu_seqlens_k,
+                            max_seqlen_k=max_seqlen_k)
 
 
 def routed_attention_ref(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: int, causal: bool = True,
                          cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-                         scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+                         scale: Optional[float] = None, *, cu_seqlens_k: Optional[Tensor] = None,
+                         max_seqlen_k: Optional[int] = None,
+                         block_indices: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Returns o (.., Hq, Dv) in q.dtype and lse (.., Hq) in fp32 (fp64 for fp64 inputs)."""
     acc = accum_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    sel = route_chunks_ref(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
-    pq, pk, pv = (pack(t, cu_seqlens, max_seqlen) for t in (q, k, v))
+    sel = _selection(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k,
+                     block_indices)
+    pq, pk = pack_qk(q, k, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+    pv = pack_qk(q, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)[1]
     sel = pack(sel, cu_seqlens, max_seqlen).data
     group = q.shape[-2] // k.shape[-2]
     o = pq.data.new_zeros(*pq.data.shape[:-1], v.shape[-1], dtype=acc)
     lse = pq.data.new_zeros(pq.data.shape[:-1], dtype=acc)
-    for start, end in _sequences(pq.cu_seqlens):
-        kk = pk.data[start:end].to(acc).repeat_interleave(group, dim=1)
-        vv = pv.data[start:end].to(acc).repeat_interleave(group, dim=1)
-        allowed = _allowed(sel[start:end], end - start, chunk_size, causal)
-        p, lse_s = _probs(pq.data[start:end].to(acc), kk, allowed, scale)
-        o[start:end] = torch.einsum("htj,jhd->thd", p, vv)
-        lse[start:end] = lse_s.transpose(0, 1)
+    for qs, qe, ks, ke in _sequences(pq, pk):
+        kk = pk.data[ks:ke].to(acc).repeat_interleave(group, dim=1)
+        vv = pv.data[ks:ke].to(acc).repeat_interleave(group, dim=1)
+        allowed = _allowed(sel[qs:qe], qe - qs, ke - ks, chunk_size, causal)
+        p, lse_s = _probs(pq.data[qs:qe].to(acc), kk, allowed, scale)
+        o[qs:qe] = torch.einsum("htj,jhd->thd", p, vv)
+        lse[qs:qe] = lse_s.transpose(0, 1)
     return unpack_tokens(o.to(q.dtype), pq), unpack_tokens(lse, pq)
 
 
 def routed_attention_backward_ref(do: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor,
                                   chunk_size: int, top_k: int, causal: bool = True,
                                   cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-                                  scale: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+                                  scale: Optional[float] = None, *, cu_seqlens_k: Optional[Tensor] = None,
+                                  max_seqlen_k: Optional[int] = None,
+                                  block_indices: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Flash-attention backward restricted to the routed mask (see README.md):
         dP = dO V^T,  dS = P * (dP - delta),  delta_t = <dO_t, O_t> - dlse_t
         dQ = scale * dS K,  dK = scale * dS^T Q,  dV = P^T dO   (dK, dV summed over a kv group's q heads)
     """
     acc = accum_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    sel = route_chunks_ref(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
-    pq, pk, pv, pdo, po, pdl, psel = (pack(t, cu_seqlens, max_seqlen) for t in (q, k, v, do, o, dlse, sel))
+    sel = _selection(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k,
+                     block_indices)
+    pq, pdo, po, pdl, psel = (pack(t, cu_seqlens, max_seqlen) for t in (q, do, o, dlse, sel))
+    pk = pack_qk(q, k, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)[1]
+    pv = pack_qk(q, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)[1]
     hq, hkv = q.shape[-2], k.shape[-2]
     group = hq // hkv
     dq = torch.zeros_like(pq.data, dtype=acc)
     dk = torch.zeros_like(pk.data, dtype=acc)
     dv = torch.zeros_like(pv.data, dtype=acc)
-    for start, end in _sequences(pq.cu_seqlens):
-        qq = pq.data[start:end].to(acc)
-        kk = pk.data[start:end].to(acc).repeat_interleave(group, dim=1)
-        vv = pv.data[start:end].to(acc).repeat_interleave(group, dim=1)
-        dd = pdo.data[start:end].to(acc)
-        p, _ = _probs(qq, kk, _allowed(psel.data[start:end], end - start, chunk_size, causal), scale)
-        delta = (dd * po.data[start:end].to(acc)).sum(-1) - pdl.data[start:end].to(acc)  # (L, Hq)
+    for qs, qe, ks, ke in _sequences(pq, pk):
+        qq = pq.data[qs:qe].to(acc)
+        kk = pk.data[ks:ke].to(acc).repeat_interleave(group, dim=1)
+        vv = pv.data[ks:ke].to(acc).repeat_interleave(group, dim=1)
+        dd = pdo.data[qs:qe].to(acc)
+        p, _ = _probs(qq, kk, _allowed(psel.data[qs:qe], qe - qs, ke - ks, chunk_size, causal), scale)
+        delta = (dd * po.data[qs:qe].to(acc)).sum(-1) - pdl.data[qs:qe].to(acc)  # (L, Hq)
         dp = torch.einsum("thd,jhd->htj", dd, vv)
         ds = p * (dp - delta.transpose(0, 1)[..., None])
-        dq[start:end] = scale * torch.einsum("htj,jhd->thd", ds, kk)
+        dq[qs:qe] = scale * torch.einsum("htj,jhd->thd", ds, kk)
         dk_h = scale * torch.einsum("htj,thd->jhd", ds, qq)
         dv_h = torch.einsum("htj,thd->jhd", p, dd)
-        dk[start:end] = dk_h.unflatten(1, (hkv, group)).sum(2)
-        dv[start:end] = dv_h.unflatten(1, (hkv, group)).sum(2)
-    return tuple(unpack_tokens(g.to(q.dtype), pq) for g in (dq, dk, dv))
+        dk[ks:ke] = dk_h.unflatten(1, (hkv, group)).sum(2)
+        dv[ks:ke] = dv_h.unflatten(1, (hkv, group)).sum(2)
+    return tuple(unpack_tokens(g.to(q.dtype), p) for g, p in ((dq, pq), (dk, pk), (dv, pv)))
