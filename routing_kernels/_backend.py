@@ -24,10 +24,11 @@ def check_backend(backend: Optional[str]) -> None:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
 
 
-def select(op: str, device_type: str, requested: Optional[str], available: dict[str, bool]) -> str:
+def select(op: str, device_type: str, requested: Optional[str], available: dict[str, bool], why: str = "") -> str:
     """Pick the backend for ``op`` on ``device_type``.
 
     available: backend name -> whether it can run this call (built, right device, supported dtype/shape).
+    why: appended to the error when the requested backend cannot run this call.
     """
     check_backend(requested)
     if requested is not None:
@@ -35,7 +36,7 @@ def select(op: str, device_type: str, requested: Optional[str], available: dict[
             return requested
         raise ValueError(
             f"backend={requested!r} is not available for {op} on {device_type} tensors"
-            f" (available: {[b for b, ok in available.items() if ok] + ['reference']})")
+            f" (available: {[b for b, ok in available.items() if ok] + ['reference']}){why}")
     for name in PREFERENCE.get(device_type, ()):
         if available.get(name, False):
             return name

@@ -46,37 +46,39 @@ def check_same_tokens(name: str, t: Tensor, ref_name: str, ref: Tensor, varlen: 
         _fail(f"{name} has leading shape {tuple(t.shape[:lead])} but {ref_name} has {tuple(ref.shape[:lead])}")
 
 
-def check_cu_seqlens_shape(cu_seqlens: Optional[Tensor], max_seqlen: Optional[int], like: Tensor) -> None:
+def check_cu_seqlens_shape(cu_seqlens: Optional[Tensor], max_seqlen: Optional[int], like: Tensor, *,
+                           name: str = "cu_seqlens", max_name: str = "max_seqlen") -> None:
     """Metadata-only checks (safe under fake tensors and torch.compile)."""
     if cu_seqlens is None:
         return
     if not isinstance(cu_seqlens, Tensor):
-        _fail(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}", TypeError)
+        _fail(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}", TypeError)
     if cu_seqlens.dtype != torch.int32:
-        _fail(f"cu_seqlens must be int32, got {cu_seqlens.dtype}", TypeError)
+        _fail(f"{name} must be int32, got {cu_seqlens.dtype}", TypeError)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        _fail(f"cu_seqlens must be 1-D of shape (S+1,) with S >= 0, got shape {tuple(cu_seqlens.shape)}")
+        _fail(f"{name} must be 1-D of shape (S+1,) with S >= 0, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != like.device:
-        _fail(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {like.device}")
+        _fail(f"{name} is on {cu_seqlens.device} but the inputs are on {like.device}")
     if max_seqlen is None:
-        _fail("max_seqlen is required when cu_seqlens is given (the public function computes it)")
-    check_int("max_seqlen", max_seqlen, 0)
+        _fail(f"{max_name} is required when {name} is given (the public function computes it)")
+    check_int(max_name, max_seqlen, 0)
 
 
-def check_cu_seqlens_values(cu_seqlens: Optional[Tensor], max_seqlen: Optional[int], num_tokens: int) -> None:
+def check_cu_seqlens_values(cu_seqlens: Optional[Tensor], max_seqlen: Optional[int], num_tokens: int, *,
+                            name: str = "cu_seqlens", max_name: str = "max_seqlen") -> None:
     """Data checks: reads cu_seqlens (a device sync on GPU), so only run eagerly."""
     if cu_seqlens is None:
         return
     cu = cu_seqlens.detach().to("cpu", torch.int64)
     if cu[0].item() != 0:
-        _fail(f"cu_seqlens must start at 0, got {cu[0].item()}")
+        _fail(f"{name} must start at 0, got {cu[0].item()}")
     if cu[-1].item() != num_tokens:
-        _fail(f"cu_seqlens must end at the number of tokens T={num_tokens}, got {cu[-1].item()}")
+        _fail(f"{name} must end at the number of tokens T={num_tokens}, got {cu[-1].item()}")
     lengths = cu.diff()
     if (lengths < 0).any():
-        _fail("cu_seqlens must be non-decreasing")
+        _fail(f"{name} must be non-decreasing")
     if max_seqlen is not None and lengths.numel() and lengths.max().item() > max_seqlen:
-        _fail(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({lengths.max().item()})")
+        _fail(f"{max_name}={max_seqlen} is smaller than the longest sequence ({lengths.max().item()})")
 
 
 _DEBUG = os.environ.get("ROUTING_KERNELS_DEBUG", "0") == "1"
@@ -91,27 +93,34 @@ def set_debug(enabled: bool) -> None:
     _DEBUG = bool(enabled)
 
 
-def prepare_offsets(cu_seqlens: Optional[Tensor], max_seqlen: Optional[int], num_tokens: int) -> Optional[Tensor]:
+def should_read_values(t: Optional[Tensor]) -> bool:
+    """Whether an op may read ``t``'s values to validate them: always on CPU, on a device only in debug mode."""
+    return t is not None and (t.device.type == "cpu" or _DEBUG)
+
+
+def prepare_offsets(cu_seqlens: Optional[Tensor], max_seqlen: Optional[int], num_tokens: int,
+                    name: str = "cu_seqlens", max_name: str = "max_seqlen") -> Optional[Tensor]:
     """Inside an op: validate cu_seqlens' values where that costs no device sync (CPU tensors, or debug mode)
     and return it contiguous, so that every kernel may index it by raw position (a strided view such as
     ``cu[::2]`` would otherwise be read as the wrong offsets)."""
     if cu_seqlens is None:
         return None
-    if cu_seqlens.device.type == "cpu" or _DEBUG:
-        check_cu_seqlens_values(cu_seqlens, max_seqlen, num_tokens)
+    if should_read_values(cu_seqlens):
+        check_cu_seqlens_values(cu_seqlens, max_seqlen, num_tokens, name=name, max_name=max_name)
     return cu_seqlens.contiguous()
 
 
-def resolve_max_seqlen(cu_seqlens: Optional[Tensor], max_seqlen: Optional[int]) -> Optional[int]:
+def resolve_max_seqlen(cu_seqlens: Optional[Tensor], max_seqlen: Optional[int],
+                       name: str = "max_seqlen") -> Optional[int]:
     """The public functions compute max_seqlen when the caller did not give it (a device sync on GPU)."""
     if cu_seqlens is None or max_seqlen is not None:
         return max_seqlen
     if not isinstance(cu_seqlens, Tensor):
         return None  # check_cu_seqlens_shape reports it
     if is_compiling():
-        raise ValueError("max_seqlen is required with cu_seqlens under torch.compile: it sizes the outputs, and "
+        raise ValueError(f"{name} is required with cu_seqlens under torch.compile: it sizes the outputs, and "
                          "computing it from cu_seqlens' values would be a data-dependent shape; pass "
-                         "max_seqlen=int (the longest sequence length)")
+                         f"{name}=int (the longest sequence length)")
     lengths = cu_seqlens.detach().to("cpu", torch.int64).diff()
     return int(lengths.max().item()) if lengths.numel() else 0
 

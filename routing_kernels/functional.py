@@ -20,8 +20,9 @@ from torch import Tensor
 
 from . import ops as _ops  # noqa: F401  (registers the ops)
 from ._backend import check_backend
+from ._keys import Keys, check_block_index_values
 from ._layout import ceil_div
-from ._validation import check_cu_seqlens_values, is_compiling, resolve_max_seqlen
+from ._validation import check_cu_seqlens_values, is_compiling, resolve_max_seqlen, should_read_values
 from .ops.chunk_mean.op import check_args as _check_chunk_mean
 from .ops.chunk_mean.reference import chunk_mean_ref
 from .ops.chunk_route.op import check_args as _check_chunk_route
@@ -118,7 +119,9 @@ def chunk_route(x: Tensor, query: Tensor, chunk_size: int, *, cu_seqlens: Option
 
 def select_chunks(q: Tensor, k: Tensor, chunk_size: int, top_k: int, *, causal: bool = True,
                   cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-                  backend: Optional[str] = None) -> Tensor:
+                  cu_seqlens_q: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,
+                  cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
+                  seqused_k: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
     """MoBA gate: the chunks each query token attends to (its own chunk plus the top_k - 1 best).
 
     ``route_chunks`` is the same function under its first name (kept as an alias; the op stays
@@ -129,12 +132,22 @@ def select_chunks(q: Tensor, k: Tensor, chunk_size: int, top_k: int, *, causal: 
     kv head ``h // (Hq // Hkv)``. Eligible chunks besides the own one: those ending before t when causal
     ((i+1)*chunk_size <= t), every other chunk when not. Ties go to the lower index.
 
+    Queries may be fewer than keys (inference): the Lq queries of a sequence with Lk keys are its last Lq
+    positions, query i at t = Lk - Lq + i (bottom-right aligned, as flash-attn >= 2.1), so decoding position
+    t against t + 1 keys selects exactly what the full sequence selects for row t.
+
     Args:
         q: (B, N, Hq, D) or packed (T, Hq, D); k: (B, N, Hkv, D) or (T, Hkv, D), Hq a multiple of Hkv.
         chunk_size: >= 1.  top_k: chunks per token including the own one, >= 1 (may exceed M).
         causal: restrict to past chunks (default True).
-        cu_seqlens, max_seqlen: varlen layout, as in :func:`chunk_mean`.
-        backend: None, "reference", "triton" (not fp64) or "cpu".
+        cu_seqlens, max_seqlen: varlen layout shared by q and k, as in :func:`chunk_mean`.
+        cu_seqlens_q / max_seqlen_q, cu_seqlens_k / max_seqlen_k: separate packed layouts of q and k (T_q and
+            T_k tokens, the same number of sequences, each with Lq <= Lk); or dense q (B, Nq, ..) with dense
+            k (B, Nk, ..), Nq <= Nk.
+        seqused_k: int32 (B,): k is a dense cache (B, capacity, Hkv, D) whose row b holds seqused_k[b]
+            valid keys (flash-attn's cache_seqlens); q dense (B, Nq, ..) or packed with B sequences.
+        backend: None, "reference", "triton" (not fp64) or "cpu". The kernels compute q and k in one
+            layout; the inference layouts run the reference for now (a CPU / Triton decode path is next).
     Returns:
         int32 (B, N, Hq, top_k) / (T, Hq, top_k): chunk indices within the sequence, sorted ascending,
         padded with -1 at the end when fewer chunks are eligible. Not differentiable.
@@ -148,15 +161,22 @@ def select_chunks(q: Tensor, k: Tensor, chunk_size: int, top_k: int, *, causal: 
         >>> select_chunks(q[0], k[0], 128, 3, cu_seqlens=cu).shape
         torch.Size([1000, 8, 3])
     """
-    max_seqlen = _prepare(_check_route_chunks, q, cu_seqlens, max_seqlen, backend, q, k, chunk_size, top_k)
+    cu_seqlens, max_seqlen, keys = _layouts(cu_seqlens, max_seqlen, cu_seqlens_q, max_seqlen_q, cu_seqlens_k,
+                                            max_seqlen_k, seqused_k)
+    max_seqlen = _prepare(_check_route_chunks, q, cu_seqlens, max_seqlen, backend, q, k, chunk_size, top_k,
+                          keys=keys)
     if backend == "reference":
-        return route_chunks_ref(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
+        _check_reference_values(q, k, chunk_size, causal, cu_seqlens, max_seqlen, keys)
+        return route_chunks_ref(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, **keys._asdict())
     return torch.ops.routing_kernels.route_chunks(q, k, chunk_size, top_k, causal=causal, cu_seqlens=cu_seqlens,
-                                                  max_seqlen=max_seqlen, backend=backend)
+                                                  max_seqlen=max_seqlen, backend=backend, **keys._asdict())
 
 
 def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: int, *, causal: bool = True,
                      cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
+                     cu_seqlens_q: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,
+                     cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
+                     seqused_k: Optional[Tensor] = None, block_indices: Optional[Tensor] = None,
                      scale: Optional[float] = None, return_lse: bool = False, backend: Optional[str] = None):
     """Block-sparse attention over each query's top_k chunks (MoBA semantics).
 
@@ -164,10 +184,19 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: in
     restricted to keys at positions <= t when causal. GQA without replicating k/v. With top_k >= M it
     equals dense attention. Gradients flow to q, k and v through the attention, not the selection.
 
+    Queries may be fewer than keys (chunked prefill, decode): they are the last positions of their sequence,
+    as in :func:`select_chunks`, and causal masking is bottom-right aligned.
+
     Args:
         q: (B, N, Hq, D) or packed (T, Hq, D).  k: (.., Hkv, D).  v: (.., Hkv, Dv). Same dtype and device.
         chunk_size, top_k, causal: as in :func:`select_chunks`.
-        cu_seqlens, max_seqlen: varlen layout, as in :func:`chunk_mean`.
+        cu_seqlens, max_seqlen: varlen layout shared by q, k, v, as in :func:`chunk_mean`.
+        cu_seqlens_q / max_seqlen_q, cu_seqlens_k / max_seqlen_k, seqused_k: separate layouts of q and k/v,
+            as in :func:`select_chunks`.
+        block_indices: int32 (.., Hq, top_k) in q's layout: attend to these chunks instead of the gate's
+            (e.g. :func:`select_chunks` output reused across layers, or a learned router). Any order, -1 for
+            none, repeats count once; each entry must be the query's own chunk or (causal) one that ends at
+            or before it. A row that selects nothing gets o = 0, lse = -inf.
         scale: softmax scale, default D ** -0.5.
         return_lse: also return the log-sum-exp of the scaled scores, (B, N, Hq) / (T, Hq) fp32.
         backend: None, "reference", "triton" (not fp64) or "cpu". With None, a dense batch in which every
@@ -187,17 +216,49 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: in
         >>> cu = torch.tensor([0, 600, 1000], dtype=torch.int32)
         >>> o, lse = routed_attention(q[0], k[0], v[0], 128, 3, cu_seqlens=cu, return_lse=True)
     """
+    cu_seqlens, max_seqlen, keys = _layouts(cu_seqlens, max_seqlen, cu_seqlens_q, max_seqlen_q, cu_seqlens_k,
+                                            max_seqlen_k, seqused_k)
     max_seqlen = _prepare(_check_routed_attention, q, cu_seqlens, max_seqlen, backend, q, k, v, chunk_size, top_k,
-                          scale=scale)
+                          scale=scale, keys=keys, block_indices=block_indices)
+    plain = keys.like_q and block_indices is None and (cu_seqlens is not None or q.shape[1] == k.shape[1])
     if backend == "reference":
-        o, lse = routed_attention_ref(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale)
-    elif backend is None and not return_lse and _routing_selects_everything(q, v, chunk_size, top_k, cu_seqlens):
+        _check_reference_values(q, k, chunk_size, causal, cu_seqlens, max_seqlen, keys, block_indices)
+        o, lse = routed_attention_ref(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale,
+                                      **keys._asdict(), block_indices=block_indices)
+    elif (backend is None and plain and not return_lse
+          and _routing_selects_everything(q, v, chunk_size, top_k, cu_seqlens)):
         return _dense_attention(q, k, v, causal, scale)
     else:
         o, lse = torch.ops.routing_kernels.routed_attention(q, k, v, chunk_size, top_k, causal=causal,
                                                             cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                                            scale=scale, backend=backend)
+                                                            scale=scale, backend=backend, **keys._asdict(),
+                                                            block_indices=block_indices)
     return (o, lse) if return_lse else o
+
+
+def _check_reference_values(q, k, chunk_size, causal, cu_seqlens, max_seqlen, keys, block_indices=None):
+    """The values the ops check (key lengths, block_indices), for the reference path that bypasses them."""
+    if is_compiling():
+        return
+    from .ops.route_chunks.op import check_values
+    cu_seqlens, keys = check_values(q, k, cu_seqlens, max_seqlen, keys)
+    if block_indices is not None and should_read_values(block_indices):
+        check_block_index_values(block_indices, q, k, chunk_size, causal, cu_seqlens, max_seqlen, keys)
+
+
+def _layouts(cu_seqlens, max_seqlen, cu_seqlens_q, max_seqlen_q, cu_seqlens_k, max_seqlen_k, seqused_k):
+    """(q's offsets, q's max length, Keys) from the public arguments: ``cu_seqlens`` means q and k share
+    offsets; ``cu_seqlens_q`` / ``cu_seqlens_k`` give each its own."""
+    if cu_seqlens is not None and (cu_seqlens_q is not None or cu_seqlens_k is not None):
+        raise ValueError("pass either cu_seqlens (q and k share it) or cu_seqlens_q / cu_seqlens_k, not both")
+    if cu_seqlens_q is not None:
+        cu_seqlens, max_seqlen = cu_seqlens_q, max_seqlen_q
+    elif max_seqlen_q is not None:
+        raise ValueError("max_seqlen_q is given without cu_seqlens_q")
+    if cu_seqlens_k is None and max_seqlen_k is not None:
+        raise ValueError("max_seqlen_k is given without cu_seqlens_k")
+    return cu_seqlens, max_seqlen, Keys(cu_seqlens_k, resolve_max_seqlen(cu_seqlens_k, max_seqlen_k, "max_seqlen_k"),
+                                        seqused_k)
 
 
 def _routing_selects_everything(q: Tensor, v: Tensor, chunk_size: int, top_k: int,

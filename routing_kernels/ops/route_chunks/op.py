@@ -8,73 +8,110 @@ from torch import Tensor
 
 from ... import _backend, _ext, _triton
 from ..._layout import ceil_div
-from ..._validation import (check_cu_seqlens_shape, check_heads, check_int, check_same_tokens, check_tensor,
-                            prepare_offsets)
+from ..._keys import Keys, check_key_layout, check_key_values, longest_keys
+from ..._validation import (check_cu_seqlens_shape, check_heads, check_int, check_tensor, prepare_offsets,
+                            should_read_values)
 from .reference import route_chunks_ref
 
 
-def check_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen, v=None) -> None:
+def check_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen, v=None, keys: Keys = Keys()) -> None:
     varlen = cu_seqlens is not None
     check_tensor("q", q, varlen=varlen)
-    check_tensor("k", k, varlen=varlen, like=q)
-    check_same_tokens("k", k, "q", q, varlen)
+    check_cu_seqlens_shape(cu_seqlens, max_seqlen, q)
+    for name, t in (("k", k), ("v", v)):
+        if t is None:
+            continue
+        check_tensor(name, t, varlen=varlen, like=q, ranks=(3, 4))
+        check_key_layout(name, t, q, cu_seqlens, keys)
     check_heads("q", q.shape[-2], "k", k.shape[-2])
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"k must have the head dim of q ({q.shape[-1]}), got {k.shape[-1]}")
     if v is not None:
-        check_tensor("v", v, varlen=varlen, like=q)
-        check_same_tokens("v", v, "q", q, varlen)
+        if v.shape[:-2] != k.shape[:-2]:
+            raise ValueError(f"v must have the tokens of k {tuple(k.shape[:-2])}, got {tuple(v.shape[:-2])}")
         if v.shape[-2] != k.shape[-2]:
             raise ValueError(f"v must have the heads of k ({k.shape[-2]}), got {v.shape[-2]}")
     check_int("chunk_size", chunk_size, 1)
     check_int("top_k", top_k, 1)
-    check_cu_seqlens_shape(cu_seqlens, max_seqlen, q)
 
 
-def available_backends(q: Tensor, cpp_op: str) -> dict:
+INFERENCE_NOTE = ("; the kernels compute q and k in one layout with the gate's own selection: q_len != k_len, "
+                  "cu_seqlens_k, seqused_k and block_indices run on the reference for now")
+
+
+def is_training_layout(q: Tensor, k: Tensor, keys: Keys) -> bool:
+    """q and k in the same layout and length: what the kernels compute today (the inference layouts run
+    on the reference until their kernels land)."""
+    return keys.like_q and (q.dim() == 3 or q.shape[1] == k.shape[1])
+
+
+def check_values(q, k, cu_seqlens, max_seqlen, keys: Keys):
+    """Validate offsets where that costs no device sync, and return them contiguous."""
+    cu_seqlens = prepare_offsets(cu_seqlens, max_seqlen, q.shape[0])
+    cu_k = prepare_offsets(keys.cu_seqlens_k, keys.max_seqlen_k, k.shape[0], "cu_seqlens_k", "max_seqlen_k")
+    keys = keys._replace(cu_seqlens_k=cu_k)
+    if should_read_values(cu_seqlens if cu_seqlens is not None else keys.seqused_k):
+        check_key_values(q, k, cu_seqlens, max_seqlen, keys)
+    return cu_seqlens, keys
+
+
+def available_backends(q: Tensor, cpp_op: str, training_layout: bool = True) -> dict:
     """Shared with routed_attention: Triton (not fp64) and the C++ kernel registered as ``cpp_op``."""
     device = q.device.type
-    return {"triton": _triton.can_run(device) and q.dtype != torch.float64,
-            "cpu": device == "cpu" and _ext.has_kernel(cpp_op, "cpu")}
+    return {"triton": training_layout and _triton.can_run(device) and q.dtype != torch.float64,
+            "cpu": training_layout and device == "cpu" and _ext.has_kernel(cpp_op, "cpu")}
 
 
 def longest(q: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: Optional[int]) -> int:
     return q.shape[1] if cu_seqlens is None else max_seqlen
 
 
-def backend_for(q: Tensor, requested: Optional[str], chunk_size: int, max_len: int) -> str:
-    chosen = _backend.select("route_chunks", q.device.type, requested, available_backends(q, "route_chunks_fwd"))
+def backend_for(q: Tensor, requested: Optional[str], chunk_size: int, max_len: int, max_len_k: Optional[int] = None,
+                training_layout: bool = True) -> str:
+    chosen = _backend.select("route_chunks", q.device.type, requested,
+                             available_backends(q, "route_chunks_fwd", training_layout),
+                             "" if training_layout else INFERENCE_NOTE)
     # The reference scores every (token, head, chunk) of a sequence at once and sorts them (int64 indices).
-    nbytes = max_len * q.shape[-2] * ceil_div(max_len, chunk_size) * 20
+    max_len_k = max_len if max_len_k is None else max_len_k
+    nbytes = max_len * q.shape[-2] * ceil_div(max_len_k, chunk_size) * 20
     _backend.refuse_quadratic_fallback("route_chunks", q.device.type, q.dtype, requested, chosen, nbytes)
     return chosen
 
 
-def _triton_fwd(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen):
+# Every implementation takes the key layout; the kernels are only picked for the training layout (keys like q).
+def _triton_fwd(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, keys):
     from .triton import route_chunks_triton
     return route_chunks_triton(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
 
 
-def _cpp_fwd(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen):
+def _cpp_fwd(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, keys):
     return torch.ops.routing_kernels.route_chunks_fwd(q, k, chunk_size, top_k, causal, cu_seqlens,
                                                       longest(q, cu_seqlens, max_seqlen))
 
 
+def _ref_fwd(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, keys):
+    return route_chunks_ref(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, **keys._asdict())
+
+
 # backend -> implementation (the tests wrap these entries to see what ran).
-KERNELS = {"reference": route_chunks_ref, "triton": _triton_fwd, "cpu": _cpp_fwd}
+KERNELS = {"reference": _ref_fwd, "triton": _triton_fwd, "cpu": _cpp_fwd}
 
 
 @torch.library.custom_op("routing_kernels::route_chunks", mutates_args=())
 def route_chunks(q: Tensor, k: Tensor, chunk_size: int, top_k: int, causal: bool = True,
                  cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-                 backend: Optional[str] = None) -> Tensor:
-    check_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen)
-    cu_seqlens = prepare_offsets(cu_seqlens, max_seqlen, q.shape[0])
-    name = backend_for(q, backend, chunk_size, longest(q, cu_seqlens, max_seqlen))
-    return KERNELS[name](q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
+                 backend: Optional[str] = None, cu_seqlens_k: Optional[Tensor] = None,
+                 max_seqlen_k: Optional[int] = None, seqused_k: Optional[Tensor] = None) -> Tensor:
+    keys = Keys(cu_seqlens_k, max_seqlen_k, seqused_k)
+    check_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen, keys=keys)
+    cu_seqlens, keys = check_values(q, k, cu_seqlens, max_seqlen, keys)
+    name = backend_for(q, backend, chunk_size, longest(q, cu_seqlens, max_seqlen),
+                       longest_keys(k, cu_seqlens, max_seqlen, keys), is_training_layout(q, k, keys))
+    return KERNELS[name](q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, keys)
 
 
 @route_chunks.register_fake
-def _(q, k, chunk_size, top_k, causal=True, cu_seqlens=None, max_seqlen=None, backend=None):
-    check_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen)
+def _(q, k, chunk_size, top_k, causal=True, cu_seqlens=None, max_seqlen=None, backend=None, cu_seqlens_k=None,
+      max_seqlen_k=None, seqused_k=None):
+    check_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen, keys=Keys(cu_seqlens_k, max_seqlen_k, seqused_k))
     return q.new_empty((*q.shape[:-1], top_k), dtype=torch.int32)

@@ -44,9 +44,15 @@ def _select_sequence(q: Tensor, k_means: Tensor, chunk_size: int, top_k: int, ca
 
 
 def pack_qk(q: Tensor, k: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: Optional[int],
-            cu_seqlens_k: Optional[Tensor], max_seqlen_k: Optional[int]):
-    """Packed q and k, each with its own offsets: k shares q's unless cu_seqlens_k is given."""
-    if cu_seqlens_k is None:
+            cu_seqlens_k: Optional[Tensor], max_seqlen_k: Optional[int], seqused_k: Optional[Tensor] = None):
+    """Packed q and k, each with its own offsets: k shares q's unless cu_seqlens_k is given. With seqused_k, k
+    is a dense (B, capacity, ..) cache of which row b holds seqused_k[b] valid keys: those are gathered."""
+    if seqused_k is not None:
+        used = seqused_k.tolist()
+        k = torch.cat([k[b, :n] for b, n in enumerate(used)]) if used else k.reshape(0, *k.shape[2:])
+        cu_seqlens_k = torch.tensor([0] + used, device=k.device).cumsum(0)
+        max_seqlen_k = max(used, default=0)
+    elif cu_seqlens_k is None:
         cu_seqlens_k, max_seqlen_k = cu_seqlens, (max_seqlen if max_seqlen_k is None else max_seqlen_k)
     elif max_seqlen_k is None:
         max_seqlen_k = int(cu_seqlens_k.diff().max()) if cu_seqlens_k.numel() > 1 else 0
@@ -61,12 +67,14 @@ def spans(pq, pk):
 
 def route_chunks_ref(q: Tensor, k: Tensor, chunk_size: int, top_k: int, causal: bool = True,
                      cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None, *,
-                     cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None) -> Tensor:
+                     cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
+                     seqused_k: Optional[Tensor] = None) -> Tensor:
     """int32 chunk indices (B, Nq, Hq, top_k), or (Tq, Hq, top_k) for varlen input.
 
-    k may be longer than q: dense (B, Nk, Hkv, D), or packed with its own cu_seqlens_k / max_seqlen_k."""
+    k may be longer than q: dense (B, Nk, Hkv, D) (of which seqused_k[b] keys are valid, when given), or
+    packed with its own cu_seqlens_k / max_seqlen_k."""
     acc = accum_dtype(q.dtype)
-    pq, pk = pack_qk(q.detach(), k.detach(), cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+    pq, pk = pack_qk(q.detach(), k.detach(), cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k)
     k_means, _, _ = chunk_means(pk, chunk_size, acc)  # (S, M, Hkv, D)
     out = torch.full((pq.data.shape[0], q.shape[-2], top_k), -1, dtype=torch.int64, device=q.device)
     for s, (qs, qe, ks, ke) in enumerate(spans(pq, pk)):

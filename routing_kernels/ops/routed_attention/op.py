@@ -11,24 +11,32 @@ import torch
 from torch import Tensor
 
 from ... import _backend
+from ..._keys import Keys, check_block_index_values, check_block_indices, longest_keys
 from ..._layout import accum_dtype
-from ..._validation import prepare_offsets
-from ..route_chunks.op import available_backends, longest
+from ..._validation import should_read_values
+from ..route_chunks.op import INFERENCE_NOTE, available_backends, check_values, is_training_layout, longest
 from ..route_chunks.op import check_args as check_routing_args
 from .reference import routed_attention_backward_ref, routed_attention_ref
 
 
-def check_args(q, k, v, chunk_size, top_k, cu_seqlens, max_seqlen, scale) -> None:
-    check_routing_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen, v=v)
+def check_args(q, k, v, chunk_size, top_k, cu_seqlens, max_seqlen, scale, keys: Keys = Keys(),
+               block_indices: Optional[Tensor] = None) -> None:
+    check_routing_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen, v=v, keys=keys)
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if block_indices is not None:
+        check_block_indices(block_indices, q, top_k)
 
 
-def backend_for(q: Tensor, requested: Optional[str], max_len: int) -> str:
+def backend_for(q: Tensor, requested: Optional[str], max_len: int, max_len_k: Optional[int] = None,
+                kernels_apply: bool = True) -> str:
+    """kernels_apply: the call is in the layout the kernels compute (training layout, the gate's selection)."""
     chosen = _backend.select("routed_attention", q.device.type, requested,
-                             available_backends(q, "routed_attention_fwd"))
-    # The reference builds (Hq, L, L) scores, probabilities and mask per sequence.
-    nbytes = q.shape[-2] * max_len * max_len * (3 * accum_dtype(q.dtype).itemsize + 1)
+                             available_backends(q, "routed_attention_fwd", kernels_apply),
+                             "" if kernels_apply else INFERENCE_NOTE)
+    # The reference builds (Hq, Lq, Lk) scores, probabilities and mask per sequence.
+    max_len_k = max_len if max_len_k is None else max_len_k
+    nbytes = q.shape[-2] * max_len * max_len_k * (3 * accum_dtype(q.dtype).itemsize + 1)
     _backend.refuse_quadratic_fallback("routed_attention", q.device.type, q.dtype, requested, chosen, nbytes)
     return chosen
 
@@ -37,84 +45,116 @@ def _scale(q: Tensor, scale: Optional[float]) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-def _triton_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale):
+# Every implementation takes the key layout and the caller's selection; the kernels are only picked for the
+# training layout with the gate's own selection (Keys() and None).
+def _triton_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys, block_indices):
     from .triton import routed_attention_fwd_triton
     return routed_attention_fwd_triton(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, _scale(q, scale))
 
 
-def _cpp_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale):
+def _cpp_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys, block_indices):
     return torch.ops.routing_kernels.routed_attention_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens,
                                                           longest(q, cu_seqlens, max_seqlen), _scale(q, scale))
 
 
-def _triton_bwd(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale):
+def _ref_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys, block_indices):
+    return routed_attention_ref(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, **keys._asdict(),
+                                block_indices=block_indices)
+
+
+def _triton_bwd(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys,
+                block_indices):
     from .triton import routed_attention_bwd_triton
     return routed_attention_bwd_triton(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens,
                                        max_seqlen, _scale(q, scale))
 
 
-def _cpp_bwd(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale):
+def _cpp_bwd(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys,
+             block_indices):
     return torch.ops.routing_kernels.routed_attention_bwd(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal,
                                                           cu_seqlens, longest(q, cu_seqlens, max_seqlen),
                                                           _scale(q, scale))
 
 
-def _ref_bwd(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale):
+def _ref_bwd(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys,
+             block_indices):
     return routed_attention_backward_ref(do, dlse, q, k, v, o, chunk_size, top_k, causal, cu_seqlens, max_seqlen,
-                                         scale)
+                                         scale, **keys._asdict(), block_indices=block_indices)
 
 
 # backend -> implementation (the tests wrap these entries to see what ran); the backward runs the forward's.
-KERNELS = {"reference": routed_attention_ref, "triton": _triton_fwd, "cpu": _cpp_fwd}
+KERNELS = {"reference": _ref_fwd, "triton": _triton_fwd, "cpu": _cpp_fwd}
 BACKWARD_KERNELS = {"reference": _ref_bwd, "triton": _triton_bwd, "cpu": _cpp_bwd}
 
 
 @torch.library.custom_op("routing_kernels::routed_attention", mutates_args=())
 def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: int, causal: bool = True,
                      cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-                     scale: Optional[float] = None, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    check_args(q, k, v, chunk_size, top_k, cu_seqlens, max_seqlen, scale)
-    cu_seqlens = prepare_offsets(cu_seqlens, max_seqlen, q.shape[0])
-    name = backend_for(q, backend, longest(q, cu_seqlens, max_seqlen))
-    o, lse = KERNELS[name](q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale)
+                     scale: Optional[float] = None, backend: Optional[str] = None,
+                     cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
+                     seqused_k: Optional[Tensor] = None,
+                     block_indices: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    keys = Keys(cu_seqlens_k, max_seqlen_k, seqused_k)
+    check_args(q, k, v, chunk_size, top_k, cu_seqlens, max_seqlen, scale, keys, block_indices)
+    cu_seqlens, keys = check_values(q, k, cu_seqlens, max_seqlen, keys)
+    if block_indices is not None and should_read_values(block_indices):
+        check_block_index_values(block_indices, q, k, chunk_size, causal, cu_seqlens, max_seqlen, keys)
+    name = _resolve(q, k, backend, cu_seqlens, max_seqlen, keys, block_indices)
+    o, lse = KERNELS[name](q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys, block_indices)
     return o.contiguous(), lse.contiguous()
 
 
+def _resolve(q, k, backend, cu_seqlens, max_seqlen, keys, block_indices) -> str:
+    kernels_apply = is_training_layout(q, k, keys) and block_indices is None
+    return backend_for(q, backend, longest(q, cu_seqlens, max_seqlen), longest_keys(k, cu_seqlens, max_seqlen, keys),
+                       kernels_apply)
+
+
 @routed_attention.register_fake
-def _(q, k, v, chunk_size, top_k, causal=True, cu_seqlens=None, max_seqlen=None, scale=None, backend=None):
-    check_args(q, k, v, chunk_size, top_k, cu_seqlens, max_seqlen, scale)
+def _(q, k, v, chunk_size, top_k, causal=True, cu_seqlens=None, max_seqlen=None, scale=None, backend=None,
+      cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None, block_indices=None):
+    check_args(q, k, v, chunk_size, top_k, cu_seqlens, max_seqlen, scale, Keys(cu_seqlens_k, max_seqlen_k, seqused_k),
+               block_indices)
     return (q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=accum_dtype(q.dtype)))
 
 
 @torch.library.custom_op("routing_kernels::routed_attention_backward", mutates_args=())
 def routed_attention_backward(do: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                               chunk_size: int, top_k: int, causal: bool, cu_seqlens: Optional[Tensor],
-                              max_seqlen: Optional[int], scale: Optional[float],
-                              backend: str = "reference") -> tuple[Tensor, Tensor, Tensor]:
+                              max_seqlen: Optional[int], scale: Optional[float], backend: str = "reference",
+                              cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
+                              seqused_k: Optional[Tensor] = None,
+                              block_indices: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     cu_seqlens = None if cu_seqlens is None else cu_seqlens.contiguous()
+    cu_seqlens_k = None if cu_seqlens_k is None else cu_seqlens_k.contiguous()
+    keys = Keys(cu_seqlens_k, max_seqlen_k, seqused_k)
     grads = BACKWARD_KERNELS[backend](do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens, max_seqlen,
-                                      scale)
+                                      scale, keys, block_indices)
     return tuple(g.contiguous() for g in grads)
 
 
 @routed_attention_backward.register_fake
-def _(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, backend="reference"):
+def _(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, backend="reference",
+      cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None, block_indices=None):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, backend = inputs
-    ctx.save_for_backward(q, k, v, *output, cu_seqlens)
-    ctx.args = (chunk_size, top_k, causal, max_seqlen, scale,
-                backend_for(q, backend, longest(q, cu_seqlens, max_seqlen)))
+    (q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, backend, cu_seqlens_k, max_seqlen_k,
+     seqused_k, block_indices) = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens, cu_seqlens_k, seqused_k, block_indices)
+    keys = Keys(cu_seqlens_k, max_seqlen_k, seqused_k)
+    ctx.args = (chunk_size, top_k, causal, max_seqlen, scale, _resolve(q, k, backend, cu_seqlens, max_seqlen, keys,
+                                                                       block_indices), max_seqlen_k)
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-    chunk_size, top_k, causal, max_seqlen, scale, backend = ctx.args
+    q, k, v, o, lse, cu_seqlens, cu_seqlens_k, seqused_k, block_indices = ctx.saved_tensors
+    chunk_size, top_k, causal, max_seqlen, scale, backend, max_seqlen_k = ctx.args
     dq, dk, dv = torch.ops.routing_kernels.routed_attention_backward(
-        do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, backend)
-    return dq, dk, dv, None, None, None, None, None, None, None
+        do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, backend, cu_seqlens_k,
+        max_seqlen_k, seqused_k, block_indices)
+    return (dq, dk, dv) + (None,) * 11
 
 
 routed_attention.register_autograd(_backward, setup_context=_setup_context)

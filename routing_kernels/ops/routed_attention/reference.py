@@ -47,26 +47,34 @@ def _sequences(pq, pk):
     return [span for span in spans(pq, pk) if span[1] > span[0]]
 
 
-def _selection(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k,
-               block_indices):
+def _selection(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, keys, block_indices):
     if block_indices is not None:
         return block_indices
-    return route_chunks_ref(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, cu_seqlens_k=cu_seqlens_k,
-                            max_seqlen_k=max_seqlen_k)
+    return route_chunks_ref(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, **keys)
+
+
+def _unpack_keys(g: Tensor, pk, like: Tensor, seqused_k: Optional[Tensor]) -> Tensor:
+    """A packed key gradient back in k's layout (zeros past each cache row's valid keys)."""
+    if seqused_k is None:
+        return unpack_tokens(g, pk)
+    out = g.new_zeros(like.shape)
+    for b, (start, end) in enumerate(zip(pk.cu_seqlens[:-1].tolist(), pk.cu_seqlens[1:].tolist())):
+        out[b, :end - start] = g[start:end]
+    return out
 
 
 def routed_attention_ref(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: int, causal: bool = True,
                          cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
                          scale: Optional[float] = None, *, cu_seqlens_k: Optional[Tensor] = None,
-                         max_seqlen_k: Optional[int] = None,
+                         max_seqlen_k: Optional[int] = None, seqused_k: Optional[Tensor] = None,
                          block_indices: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Returns o (.., Hq, Dv) in q.dtype and lse (.., Hq) in fp32 (fp64 for fp64 inputs)."""
     acc = accum_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    sel = _selection(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k,
-                     block_indices)
-    pq, pk = pack_qk(q, k, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
-    pv = pack_qk(q, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)[1]
+    keys = dict(cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k, seqused_k=seqused_k)
+    sel = _selection(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, keys, block_indices)
+    pq, pk = pack_qk(q, k, cu_seqlens, max_seqlen, **keys)
+    pv = pack_qk(q, v, cu_seqlens, max_seqlen, **keys)[1]
     sel = pack(sel, cu_seqlens, max_seqlen).data
     group = q.shape[-2] // k.shape[-2]
     o = pq.data.new_zeros(*pq.data.shape[:-1], v.shape[-1], dtype=acc)
@@ -85,7 +93,7 @@ def routed_attention_backward_ref(do: Tensor, dlse: Tensor, q: Tensor, k: Tensor
                                   chunk_size: int, top_k: int, causal: bool = True,
                                   cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
                                   scale: Optional[float] = None, *, cu_seqlens_k: Optional[Tensor] = None,
-                                  max_seqlen_k: Optional[int] = None,
+                                  max_seqlen_k: Optional[int] = None, seqused_k: Optional[Tensor] = None,
                                   block_indices: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Flash-attention backward restricted to the routed mask (see README.md):
         dP = dO V^T,  dS = P * (dP - delta),  delta_t = <dO_t, O_t> - dlse_t
@@ -93,11 +101,11 @@ def routed_attention_backward_ref(do: Tensor, dlse: Tensor, q: Tensor, k: Tensor
     """
     acc = accum_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    sel = _selection(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k,
-                     block_indices)
+    keys = dict(cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k, seqused_k=seqused_k)
+    sel = _selection(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, keys, block_indices)
     pq, pdo, po, pdl, psel = (pack(t, cu_seqlens, max_seqlen) for t in (q, do, o, dlse, sel))
-    pk = pack_qk(q, k, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)[1]
-    pv = pack_qk(q, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)[1]
+    pk = pack_qk(q, k, cu_seqlens, max_seqlen, **keys)[1]
+    pv = pack_qk(q, v, cu_seqlens, max_seqlen, **keys)[1]
     hq, hkv = q.shape[-2], k.shape[-2]
     group = hq // hkv
     dq = torch.zeros_like(pq.data, dtype=acc)
@@ -117,4 +125,5 @@ def routed_attention_backward_ref(do: Tensor, dlse: Tensor, q: Tensor, k: Tensor
         dv_h = torch.einsum("htj,thd->jhd", p, dd)
         dk[ks:ke] = dk_h.unflatten(1, (hkv, group)).sum(2)
         dv[ks:ke] = dv_h.unflatten(1, (hkv, group)).sum(2)
-    return tuple(unpack_tokens(g.to(q.dtype), p) for g, p in ((dq, pq), (dk, pk), (dv, pv)))
+    return (unpack_tokens(dq.to(q.dtype), pq), _unpack_keys(dk.to(q.dtype), pk, k, seqused_k),
+            _unpack_keys(dv.to(q.dtype), pv, v, seqused_k))
