@@ -224,3 +224,23 @@ def test_compiled_decode_step():
     torch._dynamo.reset()
     got = torch.compile(step, fullgraph=True)(q, cache.keys(0), cache.values(0), cache.seqlens[0])
     torch.testing.assert_close(got, step(q, cache.keys(0), cache.values(0), cache.seqlens[0]))
+
+
+def test_key_sums_rebuilt_from_a_cache_equal_the_running_sums():
+    from routing_kernels.ops.routed_attention.decode import key_sums_from_cache
+    cache = rk.RoutedKVCache(1, 3, capacity=19, num_kv_heads=2, head_dim=8, chunk_size=C)
+    k = _rand(12, 2, 8, seed=0, dtype=torch.float32)
+    cache.append(0, k, k, cu_seqlens=_cu([0, 5, 7]))
+    cache.append(0, _rand(3, 1, 2, 8, seed=1, dtype=torch.float32), _rand(3, 1, 2, 8, seed=2, dtype=torch.float32))
+    torch.testing.assert_close(key_sums_from_cache(cache.keys(0), cache.seqlens[0], C), cache.key_sums[0],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_bad_key_sums():
+    x, used = torch.randn(2, 8, 2, 4), torch.tensor([3, 8], dtype=torch.int32)
+    for kwargs, match in [(dict(key_sums=torch.zeros(2, 2, 2, 4)), "pass seqused_k with it"),
+                          (dict(key_sums=torch.zeros(2, 3, 2, 4), seqused_k=used), r"\(B, ceil\(capacity / chunk_size\)"),
+                          (dict(key_sums=torch.zeros(2, 2, 2, 4, dtype=torch.float64), seqused_k=used),
+                           "key_sums must be torch.float32")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            rk.routed_attention(x[:, :1], x, x, C, 2, **kwargs)

@@ -140,8 +140,8 @@ class RoutedKVCache:
         layer = self._layer(layer)
         return routed_attention(q, self.k[layer], self.v[layer], self.chunk_size, top_k, causal=causal,
                                 cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
-                                seqused_k=self.seqlens[layer], block_indices=block_indices, scale=scale,
-                                return_lse=return_lse, backend=backend)
+                                seqused_k=self.seqlens[layer], block_indices=block_indices,
+                                key_sums=self.key_sums[layer], scale=scale, return_lse=return_lse, backend=backend)
 
     # ---- checks ----
 

@@ -177,7 +177,8 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: in
                      cu_seqlens_q: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,
                      cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
                      seqused_k: Optional[Tensor] = None, block_indices: Optional[Tensor] = None,
-                     scale: Optional[float] = None, return_lse: bool = False, backend: Optional[str] = None):
+                     key_sums: Optional[Tensor] = None, scale: Optional[float] = None, return_lse: bool = False,
+                     backend: Optional[str] = None):
     """Block-sparse attention over each query's top_k chunks (MoBA semantics).
 
     Exact softmax attention of q_t over the keys of the chunks :func:`select_chunks` selects for (t, h),
@@ -197,13 +198,17 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: in
             (e.g. :func:`select_chunks` output reused across layers, or a learned router). Any order, -1 for
             none, repeats count once; each entry must be the query's own chunk or (causal) one that ends at
             or before it. A row that selects nothing gets o = 0, lse = -inf.
+        key_sums: with seqused_k, the cache's chunk sums of k (B, ceil(capacity / chunk_size), Hkv, D) fp32,
+            as :class:`routing_kernels.RoutedKVCache` keeps them; without it a decode step computes them from
+            the whole cache (one extra pass over k_cache).
         scale: softmax scale, default D ** -0.5.
         return_lse: also return the log-sum-exp of the scaled scores, (B, N, Hq) / (T, Hq) fp32.
         backend: None, "reference", "triton" (not fp64) or "cpu". With None, a dense batch in which every
             query selects every chunk it may see (top_k >= M = ceil(N / chunk_size)) runs dense attention
             through ``torch.nn.functional.scaled_dot_product_attention`` instead: the same result (to
             rounding), without the gate, at the speed of PyTorch's flash kernels (not when ``return_lse``,
-            or when Dv != D). Naming a backend always runs that backend.
+            or when Dv != D). Naming a backend always runs that backend. Decode (k a cache with seqused_k,
+            dense q with at most 16 queries per row) runs the decode kernels where built ("cpu", "triton").
     Returns:
         o (.., Hq, Dv) in q's dtype, or (o, lse) when return_lse.
     Raises:
@@ -219,7 +224,7 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: in
     cu_seqlens, max_seqlen, keys = _layouts(cu_seqlens, max_seqlen, cu_seqlens_q, max_seqlen_q, cu_seqlens_k,
                                             max_seqlen_k, seqused_k)
     max_seqlen = _prepare(_check_routed_attention, q, cu_seqlens, max_seqlen, backend, q, k, v, chunk_size, top_k,
-                          scale=scale, keys=keys, block_indices=block_indices)
+                          scale=scale, keys=keys, block_indices=block_indices, key_sums=key_sums)
     plain = keys.like_q and block_indices is None and (cu_seqlens is not None or q.shape[1] == k.shape[1])
     if backend == "reference":
         _check_reference_values(q, k, chunk_size, causal, cu_seqlens, max_seqlen, keys, block_indices)
@@ -232,7 +237,7 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: in
         o, lse = torch.ops.routing_kernels.routed_attention(q, k, v, chunk_size, top_k, causal=causal,
                                                             cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                                             scale=scale, backend=backend, **keys._asdict(),
-                                                            block_indices=block_indices)
+                                                            block_indices=block_indices, key_sums=key_sums)
     return (o, lse) if return_lse else o
 
 

@@ -16,24 +16,31 @@ from ..._layout import accum_dtype
 from ..._validation import should_read_values
 from ..route_chunks.op import INFERENCE_NOTE, available_backends, check_values, is_training_layout, longest
 from ..route_chunks.op import check_args as check_routing_args
+from . import decode
 from .reference import routed_attention_backward_ref, routed_attention_ref
 
 
 def check_args(q, k, v, chunk_size, top_k, cu_seqlens, max_seqlen, scale, keys: Keys = Keys(),
-               block_indices: Optional[Tensor] = None) -> None:
+               block_indices: Optional[Tensor] = None, key_sums: Optional[Tensor] = None) -> None:
     check_routing_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen, v=v, keys=keys)
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if block_indices is not None:
         check_block_indices(block_indices, q, top_k)
+    decode.check_key_sums(key_sums, k, keys.seqused_k, chunk_size)
 
 
 def backend_for(q: Tensor, requested: Optional[str], max_len: int, max_len_k: Optional[int] = None,
-                kernels_apply: bool = True) -> str:
-    """kernels_apply: the call is in the layout the kernels compute (training layout, the gate's selection)."""
-    chosen = _backend.select("routed_attention", q.device.type, requested,
-                             available_backends(q, "routed_attention_fwd", kernels_apply),
-                             "" if kernels_apply else INFERENCE_NOTE)
+                layout: str = "training") -> str:
+    """layout: "training" (q and k alike, the gate's selection: the attention kernels), "decode" (see
+    decode.py: the decode kernels) or "other" (the reference only, for now)."""
+    if layout == "decode":
+        available = available_backends(q, "routed_decode_fwd")
+        available["triton"] = available["triton"] and decode.has_triton()
+    else:
+        available = available_backends(q, "routed_attention_fwd", layout == "training")
+    chosen = _backend.select("routed_attention", q.device.type, requested, available,
+                             "" if layout != "other" else INFERENCE_NOTE)
     # The reference builds (Hq, Lq, Lk) scores, probabilities and mask per sequence.
     max_len_k = max_len if max_len_k is None else max_len_k
     nbytes = q.shape[-2] * max_len * max_len_k * (3 * accum_dtype(q.dtype).itemsize + 1)
@@ -45,19 +52,26 @@ def _scale(q: Tensor, scale: Optional[float]) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-# Every implementation takes the key layout and the caller's selection; the kernels are only picked for the
-# training layout with the gate's own selection (Keys() and None).
-def _triton_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys, block_indices):
+# Every implementation takes the key layout, the caller's selection and the cache's chunk sums; the kernels are
+# only picked for the training layout (Keys(), None) and the decode layout (decode.applies).
+def _triton_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys, block_indices,
+                key_sums=None):
+    if keys.seqused_k is not None:
+        return decode.triton(q, k, v, chunk_size, top_k, causal, _scale(q, scale), keys.seqused_k, key_sums)
     from .triton import routed_attention_fwd_triton
     return routed_attention_fwd_triton(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, _scale(q, scale))
 
 
-def _cpp_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys, block_indices):
+def _cpp_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys, block_indices,
+             key_sums=None):
+    if keys.seqused_k is not None:
+        return decode.cpu(q, k, v, chunk_size, top_k, causal, _scale(q, scale), keys.seqused_k, key_sums)
     return torch.ops.routing_kernels.routed_attention_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens,
                                                           longest(q, cu_seqlens, max_seqlen), _scale(q, scale))
 
 
-def _ref_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys, block_indices):
+def _ref_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys, block_indices,
+             key_sums=None):
     return routed_attention_ref(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, **keys._asdict(),
                                 block_indices=block_indices)
 
@@ -92,29 +106,35 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: in
                      cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
                      scale: Optional[float] = None, backend: Optional[str] = None,
                      cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
-                     seqused_k: Optional[Tensor] = None,
-                     block_indices: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                     seqused_k: Optional[Tensor] = None, block_indices: Optional[Tensor] = None,
+                     key_sums: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     keys = Keys(cu_seqlens_k, max_seqlen_k, seqused_k)
-    check_args(q, k, v, chunk_size, top_k, cu_seqlens, max_seqlen, scale, keys, block_indices)
+    check_args(q, k, v, chunk_size, top_k, cu_seqlens, max_seqlen, scale, keys, block_indices, key_sums)
     cu_seqlens, keys = check_values(q, k, cu_seqlens, max_seqlen, keys)
     if block_indices is not None and should_read_values(block_indices):
         check_block_index_values(block_indices, q, k, chunk_size, causal, cu_seqlens, max_seqlen, keys)
     name = _resolve(q, k, backend, cu_seqlens, max_seqlen, keys, block_indices)
-    o, lse = KERNELS[name](q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys, block_indices)
+    o, lse = KERNELS[name](q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys, block_indices,
+                           key_sums)
     return o.contiguous(), lse.contiguous()
 
 
+def _layout(q, k, keys, block_indices) -> str:
+    if is_training_layout(q, k, keys) and block_indices is None:
+        return "training"
+    return "decode" if decode.applies(q, keys.seqused_k, block_indices) else "other"
+
+
 def _resolve(q, k, backend, cu_seqlens, max_seqlen, keys, block_indices) -> str:
-    kernels_apply = is_training_layout(q, k, keys) and block_indices is None
     return backend_for(q, backend, longest(q, cu_seqlens, max_seqlen), longest_keys(k, cu_seqlens, max_seqlen, keys),
-                       kernels_apply)
+                       _layout(q, k, keys, block_indices))
 
 
 @routed_attention.register_fake
 def _(q, k, v, chunk_size, top_k, causal=True, cu_seqlens=None, max_seqlen=None, scale=None, backend=None,
-      cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None, block_indices=None):
+      cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None, block_indices=None, key_sums=None):
     check_args(q, k, v, chunk_size, top_k, cu_seqlens, max_seqlen, scale, Keys(cu_seqlens_k, max_seqlen_k, seqused_k),
-               block_indices)
+               block_indices, key_sums)
     return (q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=accum_dtype(q.dtype)))
 
 
@@ -141,11 +161,13 @@ def _(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens, max_seql
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, backend, cu_seqlens_k, max_seqlen_k,
-     seqused_k, block_indices) = inputs
+     seqused_k, block_indices, key_sums) = inputs
     ctx.save_for_backward(q, k, v, *output, cu_seqlens, cu_seqlens_k, seqused_k, block_indices)
     keys = Keys(cu_seqlens_k, max_seqlen_k, seqused_k)
-    ctx.args = (chunk_size, top_k, causal, max_seqlen, scale, _resolve(q, k, backend, cu_seqlens, max_seqlen, keys,
-                                                                       block_indices), max_seqlen_k)
+    # The decode kernels are forward-only: their backward is the reference's (see decode.py).
+    backward = "reference" if _layout(q, k, keys, block_indices) != "training" else \
+        _resolve(q, k, backend, cu_seqlens, max_seqlen, keys, block_indices)
+    ctx.args = (chunk_size, top_k, causal, max_seqlen, scale, backward, max_seqlen_k)
 
 
 def _backward(ctx, do, dlse):
@@ -154,7 +176,7 @@ def _backward(ctx, do, dlse):
     dq, dk, dv = torch.ops.routing_kernels.routed_attention_backward(
         do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, backend, cu_seqlens_k,
         max_seqlen_k, seqused_k, block_indices)
-    return (dq, dk, dv) + (None,) * 11
+    return (dq, dk, dv) + (None,) * 12
 
 
 routed_attention.register_autograd(_backward, setup_context=_setup_context)
