@@ -12,7 +12,7 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   "$PYTHON" -m pip install -q "torch==2.14.1"
 fi
 echo "+ pip install build/test/bench dependencies"
-"$PYTHON" -m pip install -q ninja pybind11 numpy pytest pytest-benchmark expecttest matplotlib
+"$PYTHON" -m pip install -q ninja pybind11 numpy pytest pytest-benchmark expecttest matplotlib "transformers==5.24.0"
 
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-2}
