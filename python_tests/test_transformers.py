@@ -154,3 +154,29 @@ def test_register_without_transformers_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r"pip install 'transformers>=5'"):
         rkt.register()
+
+
+def test_generate_with_routed_cache_decodes_over_chunk_sums(monkeypatch):
+    """RoutedCache: the same tokens as re-running the prefix, and every decode step took the cache layout
+    (seqused_k + the cache's key sums), growing past its initial capacity on the way."""
+    routed = _model("llama", chunk_size=8, top_k=2)
+    routed.set_attn_implementation("routed")
+    ids = _ids(n=37)
+    kw = dict(max_new_tokens=24, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
+    calls = []
+    real = rkt.routed_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("seqused_k") is not None and kwargs.get("key_sums") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rkt, "routed_attention", spy)
+    cache = rkt.RoutedCache(routed.config, initial_capacity=16)
+    got = routed.generate(ids, cache=cache, **kw)
+    monkeypatch.setattr(rkt, "routed_attention", real)
+    assert torch.equal(got, routed.generate(ids, use_cache=False, **kw))
+    steps = got.shape[1] - ids.shape[1] - 1  # the first token comes from the prefill
+    assert calls.count(True) == 2 * steps and calls[:2] == [False, False]  # 2 layers; prefill is not decode
+    assert cache.layers[0].store.capacity >= got.shape[1] - 1 > 16
+    with pytest.raises(NotImplementedError, match="beam search"):
+        cache.layers[0].crop(-1)
