@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ..._triton import next_pow2
-from ..chunk_mean.triton import as_packed, chunk_mean_fwd
+from ..._triton.layout import as_packed, program_coords, seq_span
+from ..chunk_mean.triton import chunk_mean_fwd
 
 _LOW_BITS = 2147483648  # 2^31: the chunk index lives in the low 31 bits of a key
 
@@ -46,12 +47,8 @@ def route_select_kernel(
 ):
     """Per (seq, token block, q head): out[t, h, :top_k] = own chunk + the num_others best eligible chunks,
     sorted ascending, -1 padded. num_others = min(top_k - 1, M) (more can never be eligible)."""
-    pid = tl.program_id(0).to(tl.int64)
-    i_h = pid % num_heads
-    i_b = (pid // num_heads) % num_tiles
-    i_s = pid // (num_heads * num_tiles)
-    bos = tl.load(cu_seqlens + i_s).to(tl.int64)
-    length = tl.load(cu_seqlens + i_s + 1).to(tl.int64) - bos
+    i_s, i_b, i_h = program_coords(num_tiles, num_heads)
+    bos, length = seq_span(cu_seqlens, i_s)
     n_chunks = (length + chunk_size - 1) // chunk_size
     o_t = i_b * BLOCK_T + tl.arange(0, BLOCK_T)  # positions inside the sequence
     m_t = o_t < length

@@ -33,8 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._layout import accum_dtype
 from ..._triton import next_pow2
-from ..chunk_mean.triton import as_packed
+from ..._triton.layout import as_packed, program_coords, seq_span
 from ..route_chunks.triton import route_chunks_triton
 
 BLOCK_M = 16  # query tokens per tile (tl.dot needs >= 16 rows); forward/dq rows = BLOCK_M * heads_per_tile
@@ -45,13 +46,8 @@ def _query_rows(cu_seqlens, num_tiles, num_heads, BLOCK_M: tl.constexpr, PACK: t
     """A program's BLOCK_M rows: BLOCK_M // PACK consecutive tokens x PACK consecutive q heads of one kv
     group (row r = token r // PACK, head r % PACK). Returns (seq, first head, first token of the sequence,
     its length, tokens (BLOCK_M,), heads (BLOCK_M,), row mask)."""
-    pid = tl.program_id(0).to(tl.int64)
-    num_packs = num_heads // PACK
-    i_p = pid % num_packs
-    i_m = (pid // num_packs) % num_tiles
-    i_s = pid // (num_packs * num_tiles)
-    bos = tl.load(cu_seqlens + i_s).to(tl.int64)
-    length = tl.load(cu_seqlens + i_s + 1).to(tl.int64) - bos
+    i_s, i_m, i_p = program_coords(num_tiles, num_heads // PACK)
+    bos, length = seq_span(cu_seqlens, i_s)
     o_r = tl.arange(0, BLOCK_M)
     o_m = i_m * (BLOCK_M // PACK) + o_r // PACK
     o_h = i_p * PACK + o_r % PACK
@@ -226,13 +222,9 @@ def routed_bwd_dkv_kernel(
     with a row that selected the chunk, read from the inverted index (tile_pos[tile_lo[r]:tile_hi[r]] - row_pos[r]
     are the tiles of row r = (seq, q head, chunk), in increasing order). One writer per element: deterministic,
     no atomics."""
-    pid = tl.program_id(0).to(tl.int64)
-    i_kh = pid % num_kv_heads
-    i_j = (pid // num_kv_heads) % num_slices
-    i_c = (pid // (num_kv_heads * num_slices)) % num_chunks
-    i_s = pid // (num_kv_heads * num_slices * num_chunks)
-    bos = tl.load(cu_seqlens + i_s).to(tl.int64)
-    length = tl.load(cu_seqlens + i_s + 1).to(tl.int64) - bos
+    i_sc, i_j, i_kh = program_coords(num_slices, num_kv_heads)
+    i_s, i_c = i_sc // num_chunks, i_sc % num_chunks
+    bos, length = seq_span(cu_seqlens, i_s)
     group = num_heads // num_kv_heads
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < head_dim
@@ -355,10 +347,6 @@ def _tiles_by_chunk(sel, cu, max_seqlen, chunk_size, top_k):
     return tile_pos, tile_lo, tile_hi, row_pos.flatten().contiguous()
 
 
-def _lse_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def routed_attention_fwd_triton(q, k, v, chunk_size, top_k, causal=True, cu_seqlens=None, max_seqlen=None,
                                 scale=None):
     """Routed (MoBA) attention forward with Triton: each query attends to the chunks route_chunks selects.
@@ -395,7 +383,7 @@ def routed_attention_fwd_triton(q, k, v, chunk_size, top_k, causal=True, cu_seql
             o.stride(0), o.stride(1), chunk_size, top_k, num_tiles, hq, hq // hkv, d, dv, scale,
             CAUSAL=bool(causal), BLOCK_M=BLOCK_M * pack, PACK=pack, **_blocks(q, v, chunk_size, top_k),
             num_warps=4)
-    return o.reshape(*q.shape[:-1], dv), lse.to(_lse_dtype(q.dtype)).reshape(q.shape[:-1])
+    return o.reshape(*q.shape[:-1], dv), lse.to(accum_dtype(q.dtype)).reshape(q.shape[:-1])
 
 
 def routed_attention_bwd_triton(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal=True, cu_seqlens=None,
