@@ -199,3 +199,27 @@ def test_public_functions_with_triton_backend(causal):
         idx = rk.route_chunks(q, k, 4, 2, causal=causal, cu_seqlens=cu, backend=backend)
         outs.append((o, lse, idx, *(t.grad for t in leaves)))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+
+# Causal gate: a tile scans chunks only up to the own chunk of its last row. Each case puts a query exactly
+# on a chunk boundary at the end of a 16-row tile (BLOCK_T = 16) or alone in a tile, where an off-by-one in the
+# stopping point drops the chunk just before it (top_k = M makes every eligible chunk selected).
+GATE_CASES = [
+    ("chunk1_N17", {"B": 1, "N": 17}, 1),       # every token a chunk; tile 1 is row 16 alone, sees 0..15
+    ("chunk16_N17", {"B": 1, "N": 17}, 16),     # chunk + 1: row 16 starts chunk 1
+    ("chunk8_N32", {"B": 1, "N": 32}, 8),       # last row of tile 1 (31) is in chunk 3, may pick chunk 2
+    ("chunk5_primes", {"lengths": [17, 31, 13, 1]}, 5),
+    ("chunk2_N33", {"B": 2, "N": 33}, 2),
+]
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("case", GATE_CASES, ids=[c[0] for c in GATE_CASES])
+def test_route_chunks_causal_stop_at_the_tile_boundary(case):
+    _, layout, cs = case
+    q, k, _, cu, ms = _qkv(layout, 2, 1, 16, 16, torch.float32, seed=23)
+    m = -(-(ms if cu is not None else layout["N"]) // cs)
+    for top_k in sorted({2, 3, m}):
+        got = route_chunks_triton(q, k, cs, top_k, True, cu, ms)
+        assert torch.equal(got, route_chunks_ref(q, k, cs, top_k, True, cu, ms)), top_k
