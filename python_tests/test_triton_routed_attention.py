@@ -199,3 +199,89 @@ def test_public_functions_with_triton_backend(causal):
         idx = rk.route_chunks(q, k, 4, 2, causal=causal, cu_seqlens=cu, backend=backend)
         outs.append((o, lse, idx, *(t.grad for t in leaves)))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------- launch sizes (hardening)
+
+class _LaunchSpy:
+    """Stands in for a kernel in its module: records each launch's grid and constexpr keywords, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _spy(monkeypatch, module, *names):
+    spies = {name: _LaunchSpy(getattr(module, name)) for name in names}
+    for name, spy in spies.items():
+        monkeypatch.setattr(module, name, spy)
+    return spies
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_huge_top_k_sizes_tiles_by_the_chunks(causal, monkeypatch):
+    # top_k = 1000 with at most M = 3 chunks per sequence: every eligible chunk is selected (dense attention),
+    # route_chunks keeps width 1000 padded with -1, and no kernel tile is sized by top_k (BLOCK_K <= 4).
+    from routing_kernels.ops.route_chunks import triton as rc_triton
+    from routing_kernels.ops.routed_attention import triton as ra_triton
+    spies = {**_spy(monkeypatch, rc_triton, "route_select_kernel"),
+             **_spy(monkeypatch, ra_triton, "routed_fwd_kernel", "routed_bwd_dq_kernel", "mark_tiles_kernel",
+                    "routed_bwd_dkv_kernel")}
+    q, k, v, cu, ms = _qkv({"lengths": [9, 0, 4, 12]}, 2, 1, 16, 16, torch.float32, seed=17)
+    got = route_chunks_triton(q, k, 4, 1000, causal, cu, ms)
+    assert got.shape == (25, 2, 1000) and (got[..., 3:] == -1).all()
+    assert torch.equal(got, route_chunks_ref(q, k, 4, 1000, causal, cu, ms))
+    _check_attention(q, k, v, 4, 1000, causal, cu, ms, TOL[torch.float32])
+    for name, spy in spies.items():
+        assert spy.launches, name
+        assert all(kw["BLOCK_K"] <= 4 for _, kw in spy.launches), (name, [kw["BLOCK_K"] for _, kw in spy.launches])
+
+
+# Causal gate: a tile scans chunks only up to the own chunk of its last row. Each case puts a query exactly
+# on a chunk boundary at the end of a 16-row tile (BLOCK_T = 16) or alone in a tile, where an off-by-one in the
+# stopping point drops the chunk just before it (top_k = M makes every eligible chunk selected).
+GATE_CASES = [
+    ("chunk1_N17", {"B": 1, "N": 17}, 1),       # every token a chunk; tile 1 is row 16 alone, sees 0..15
+    ("chunk16_N17", {"B": 1, "N": 17}, 16),     # chunk + 1: row 16 starts chunk 1
+    ("chunk8_N32", {"B": 1, "N": 32}, 8),       # last row of tile 1 (31) is in chunk 3, may pick chunk 2
+    ("chunk5_primes", {"lengths": [17, 31, 13, 1]}, 5),
+    ("chunk2_N33", {"B": 2, "N": 33}, 2),
+]
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("case", GATE_CASES, ids=[c[0] for c in GATE_CASES])
+def test_route_chunks_causal_stop_at_the_tile_boundary(case):
+    _, layout, cs = case
+    q, k, _, cu, ms = _qkv(layout, 2, 1, 16, 16, torch.float32, seed=23)
+    m = -(-(ms if cu is not None else layout["N"]) // cs)
+    for top_k in sorted({2, 3, m}):
+        got = route_chunks_triton(q, k, cs, top_k, True, cu, ms)
+        assert torch.equal(got, route_chunks_ref(q, k, cs, top_k, True, cu, ms)), top_k
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_skewed_varlen_grid_counts_real_chunks(causal, monkeypatch):
+    # one long sequence among short and empty ones: the dK/dV grid enumerates the real (sequence, chunk)
+    # pairs (bound (T + S (cs - 1)) // cs = 27 chunks here, not S * M = 7 * 19), the forward/dq grids the real
+    # 16-token tiles; FLAG_BLOCK = 4 makes the dK/dV programs read the long sequence's 10 tile flags in 3 blocks.
+    from routing_kernels.ops.routed_attention import triton as ra_triton
+    monkeypatch.setattr(ra_triton, "FLAG_BLOCK", 4, raising=False)
+    spies = _spy(monkeypatch, ra_triton, "routed_fwd_kernel", "routed_bwd_dkv_kernel", "mark_tiles_kernel")
+    lengths = [150, 0, 3, 0, 1, 17, 0]
+    q, k, v, cu, ms = _qkv({"lengths": lengths}, 4, 2, 16, 16, torch.float32, seed=29)
+    _check_attention(q, k, v, 8, 3, causal, cu, ms, TOL[torch.float32])
+    (grid, kw), = spies["routed_bwd_dkv_kernel"].launches
+    assert grid == ((171 + 7 * 7) // 8 * 1 * 2,)  # chunk bound x 1 slice (chunk 8 < BLOCK_N) x 2 kv heads
+    assert kw.get("BLOCK_F") == 4
+    (grid, kw), = spies["mark_tiles_kernel"].launches
+    assert grid == ((171 + 7 * 15) // 16 * 4,)  # tile bound x 4 q heads (not 7 * 10 * 4)
+    (grid, kw), = spies["routed_fwd_kernel"].launches
+    assert grid == ((171 + 7 * 15) // 16 * 2,)  # GQA 4:2 packs 2 heads per program

@@ -36,6 +36,14 @@ EXPECTED_KERNELS = {"chunk_reduce_kernel", "chunk_mean_backward_kernel", "softma
                     "softmax_backward_kernel", "chunk_scale_kernel", "route_select_kernel", "routed_fwd_kernel",
                     "routed_bwd_dq_kernel", "mark_tiles_kernel", "routed_bwd_dkv_kernel"}
 
+# Constexpr branches that must each be compiled at least once: (kernel, constexpr) -> values.
+EXPECTED_BRANCHES = {("route_select_kernel", "CAUSAL"): {True, False},
+                     ("routed_bwd_dkv_kernel", "CAUSAL"): {True, False},
+                     ("routed_bwd_dkv_kernel", "BLOCK_F"): {4, 128},  # one flag block per chunk / several
+                     ("routed_fwd_kernel", "PACK"): {1, 2, 4},
+                     ("chunk_reduce_kernel", "HAS_DY"): {True, False},
+                     ("chunk_scale_kernel", "IS_BACKWARD"): {True, False}}
+
 compiled: dict = {}  # (kernel, signature, constexprs) -> None (ok) or an error string
 
 
@@ -109,6 +117,15 @@ def _cases():
             for causal in (True, False):
                 yield lambda q=q, k=k, c=causal: route_chunks_triton(q, k, 16, 3, c)
                 yield lambda q=q, k=k, v=v, c=causal: _attention(ra, q, k, v, c)
+        # varlen with a sequence past 2K tokens (> 128 query tiles: the dK/dV flag scan at BLOCK_F = 128, several
+        # flag blocks per chunk) beside an empty and a short one; and a top_k past the number of chunks
+        cu = torch.tensor([0, 2100, 2100, 2137], dtype=torch.int32)
+        q = torch.randn(2137, 4, 64, generator=g).to(dtype)
+        k = torch.randn(2137, 2, 64, generator=g).to(dtype)
+        v = torch.randn(2137, 2, 64, generator=g).to(dtype)
+        for causal in (True, False):
+            yield lambda q=q, k=k, v=v, c=causal, cu=cu: _attention(ra, q, k, v, c, cu, 2100, chunk_size=64)
+        yield lambda q=q, k=k, cu=cu: route_chunks_triton(q, k, 512, 1000, True, cu, 2100)
 
 
 def _chunk_mean(fwd, bwd, x, cu, max_seqlen):
@@ -122,9 +139,10 @@ def _chunk_route(fwd, bwd, query, x, cu, max_seqlen):
         max_seqlen, 0.125)
 
 
-def _attention(ra, q, k, v, causal):
-    o, lse = ra.routed_attention_fwd_triton(q, k, v, 16, 3, causal)
-    ra.routed_attention_bwd_triton(torch.randn_like(o), torch.randn_like(lse), q, k, v, o, lse, 16, 3, causal)
+def _attention(ra, q, k, v, causal, cu=None, max_seqlen=None, chunk_size=16):
+    o, lse = ra.routed_attention_fwd_triton(q, k, v, chunk_size, 3, causal, cu, max_seqlen)
+    ra.routed_attention_bwd_triton(torch.randn_like(o), torch.randn_like(lse), q, k, v, o, lse, chunk_size, 3, causal,
+                                   cu, max_seqlen)
 
 
 def main() -> int:
@@ -136,6 +154,15 @@ def main() -> int:
     failed = {k: v for k, v in compiled.items() if v is not None}
     if missing:
         print(f"NOT COMPILED (no launcher call reached them): {missing}")
+        return 1
+    seen: dict = {}
+    for name, _, constexprs in compiled:
+        for key, value in constexprs:
+            seen.setdefault((name, key), set()).add(value)
+    branches = {k: sorted(v - seen.get(k, set()), key=str) for k, v in EXPECTED_BRANCHES.items()}
+    branches = {k: v for k, v in branches.items() if v}
+    if branches:
+        print(f"NOT COMPILED (constexpr branches no launcher call reached): {branches}")
         return 1
     print(f"{len(compiled)} kernel variants compiled for sm_90, {len(failed)} failed")
     for (name, _, constexprs), error in failed.items():

@@ -2,7 +2,8 @@
 
 Work is split one program per (sequence, chunk, head): the program streams its chunk's tokens in
 (BLOCK_T, BLOCK_D) tiles. Dense inputs are launched as varlen with cu_seqlens = arange(B+1) * N, so one
-kernel serves both layouts. All token offsets are int64 (T * H * D passes 2^31 for long inputs).
+kernel serves both layouts (routing_kernels/_triton/layout.py). All token offsets are int64 (T * H * D passes
+2^31 for long inputs).
 """
 from __future__ import annotations
 
@@ -10,21 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton import next_pow2
-
-
-@triton.jit
-def _chunk_coords(cu_seqlens, chunk_size, num_chunks, num_heads):
-    """(seq, chunk, head, first token of the chunk, tokens in the chunk) of this program."""
-    pid = tl.program_id(0).to(tl.int64)
-    i_h = pid % num_heads
-    i_c = (pid // num_heads) % num_chunks
-    i_s = pid // (num_heads * num_chunks)
-    start = tl.load(cu_seqlens + i_s).to(tl.int64)
-    length = tl.load(cu_seqlens + i_s + 1).to(tl.int64) - start
-    first = i_c * chunk_size
-    count = tl.minimum(tl.maximum(length - first, 0), chunk_size)  # 0 for chunks the sequence lacks
-    return i_s, i_c, i_h, start + first, count
+from ..._triton.layout import as_packed, chunk_coords, tiles
 
 
 @triton.jit
@@ -40,7 +27,7 @@ def chunk_reduce_kernel(
         out[s, h, c] = alpha * <vec[s, h], mean> (+ sum_t <dy_t, x_t> if HAS_DY) (+ extra[s, h, c])
     chunk_route uses it as the forward scores (vec = query) and the backward dw (vec = dsummary).
     Chunks a sequence lacks get mean 0 and out = empty_value."""
-    i_s, i_c, i_h, tok0, count = _chunk_coords(cu_seqlens, chunk_size, num_chunks, num_heads)
+    i_s, i_c, i_h, tok0, count = chunk_coords(cu_seqlens, chunk_size, num_chunks, num_heads)
     o_t = tl.arange(0, BLOCK_T)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < head_dim
@@ -50,16 +37,17 @@ def chunk_reduce_kernel(
         tok = tok0 + t0 + o_t
         m = ((t0 + o_t) < count)[:, None] & m_d[None, :]
         b_x = tl.load(x + tok[:, None] * stride_xt + i_h * stride_xh + o_d[None, :], mask=m, other=0.0)
-        b_x = b_x.to(tl.float32)
+        b_x = b_x.to(tl.float32)  # [BLOCK_T, BLOCK_D]
         b_sum += tl.sum(b_x, axis=0)
         if HAS_DY:
-            b_dy = tl.load(dy + tok[:, None] * stride_dyt + i_h * stride_dyh + o_d[None, :], mask=m, other=0.0)
+            p_dy = dy + tok[:, None] * stride_dyt + i_h * stride_dyh + o_d[None, :]
+            b_dy = tl.load(p_dy, mask=m, other=0.0)  # [BLOCK_T, BLOCK_D]
             b_dot += tl.sum(b_dy.to(tl.float32) * b_x, axis=0)
-    b_mean = b_sum / tl.maximum(count, 1).to(tl.float32)
+    b_mean = b_sum / tl.maximum(count, 1).to(tl.float32)  # [BLOCK_D]
     p_mean = means + ((i_s * num_chunks + i_c) * num_heads + i_h) * head_dim + o_d
     tl.store(p_mean, b_mean, mask=m_d)
     if HAS_VEC:
-        b_vec = tl.load(vec + i_s * stride_vs + i_h * stride_vh + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_vec = tl.load(vec + i_s * stride_vs + i_h * stride_vh + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BLOCK_D]
         value = alpha * tl.sum(b_vec * b_mean, axis=0)
         if HAS_DY:
             value += tl.sum(b_dot, axis=0)
@@ -77,37 +65,17 @@ def chunk_mean_backward_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dx_t = grad[s, chunk(t), h] / |chunk(t)| for every token of the chunk."""
-    i_s, i_c, i_h, tok0, count = _chunk_coords(cu_seqlens, chunk_size, num_chunks, num_heads)
+    i_s, i_c, i_h, tok0, count = chunk_coords(cu_seqlens, chunk_size, num_chunks, num_heads)
     o_t = tl.arange(0, BLOCK_T)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < head_dim
     b_g = tl.load(grad + i_s * stride_gs + i_c * stride_gc + i_h * stride_gh + o_d, mask=m_d, other=0.0)
-    b_g = b_g.to(tl.float32) / tl.maximum(count, 1).to(tl.float32)
-    b_out = tl.broadcast_to(b_g[None, :], [BLOCK_T, BLOCK_D]).to(dx.dtype.element_ty)
+    b_g = b_g.to(tl.float32) / tl.maximum(count, 1).to(tl.float32)  # [BLOCK_D]
+    b_out = tl.broadcast_to(b_g[None, :], [BLOCK_T, BLOCK_D]).to(dx.dtype.element_ty)  # [BLOCK_T, BLOCK_D]
     for t0 in range(0, count, BLOCK_T):
         tok = tok0 + t0 + o_t
         m = ((t0 + o_t) < count)[:, None] & m_d[None, :]
         tl.store(dx + tok[:, None] * stride_xt + i_h * stride_xh + o_d[None, :], b_out, mask=m)
-
-
-def tiles(head_dim: int, chunk_size: int) -> tuple[int, int]:
-    """BLOCK_D covers the head dim (padded to a power of 2); BLOCK_T keeps a tile at ~4K elements
-    (16 KB of fp32 registers across 4 warps) and never exceeds the chunk."""
-    block_d = max(16, next_pow2(head_dim))
-    block_t = max(1, min(next_pow2(chunk_size), 4096 // block_d))
-    return block_t, block_d
-
-
-def as_packed(x: torch.Tensor, cu_seqlens, max_seqlen):
-    """(T, H, D) view with unit last stride, int32 cu_seqlens and the longest length."""
-    if cu_seqlens is None:
-        b, n = x.shape[:2]
-        cu_seqlens = torch.arange(b + 1, device=x.device, dtype=torch.int32) * n
-        max_seqlen = n
-        x = x.reshape(b * n, *x.shape[2:])
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return x, cu_seqlens, max_seqlen
 
 
 def chunk_mean_fwd(x, chunk_size, cu_seqlens=None, max_seqlen=None, vec=None, alpha=1.0, dy=None, extra=None,

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..chunk_mean.triton import _chunk_coords, as_packed, chunk_mean_fwd, tiles
+from ..._triton.layout import as_packed, chunk_coords, program_coords, tiles
+from ..chunk_mean.triton import chunk_mean_fwd
 
 
 @triton.jit
@@ -20,45 +21,45 @@ def softmax_summary_kernel(scores, means, weights, summary, num_chunks, num_head
                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per (seq, head): w = softmax(scores) over chunks (0 when the sequence is empty) and
     summary = sum_i w_i mean_i. Scores of missing chunks are -inf, so they get weight 0."""
-    pid = tl.program_id(0).to(tl.int64)
-    i_s, i_h = pid // num_heads, pid % num_heads
+    i_s, _, i_h = program_coords(1, num_heads)
+    i_row = i_s * num_heads + i_h  # row (s, h) of the (S, H, M) scores and (S, H, D) outputs
     o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < head_dim
-    p_row = pid * num_chunks
+    p_row = i_row * num_chunks
     b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for m0 in range(0, num_chunks, BLOCK_M):
-        b_s = tl.load(scores + p_row + m0 + o_m, mask=m0 + o_m < num_chunks, other=float("-inf"))
+        b_s = tl.load(scores + p_row + m0 + o_m, mask=m0 + o_m < num_chunks, other=float("-inf"))  # [BLOCK_M]
         b_max = tl.maximum(b_max, b_s)
     row_max = tl.max(b_max, axis=0)
     row_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # empty sequence: every exp is 0
     b_den = tl.zeros([BLOCK_M], dtype=tl.float32)
     for m0 in range(0, num_chunks, BLOCK_M):
-        b_s = tl.load(scores + p_row + m0 + o_m, mask=m0 + o_m < num_chunks, other=float("-inf"))
+        b_s = tl.load(scores + p_row + m0 + o_m, mask=m0 + o_m < num_chunks, other=float("-inf"))  # [BLOCK_M]
         b_den += tl.exp(b_s - row_max)
     den = tl.sum(b_den, axis=0)
     inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)  # 0: empty sequence; NaN stays NaN
     b_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for m0 in range(0, num_chunks, BLOCK_M):
         m_m = m0 + o_m < num_chunks
-        b_w = tl.exp(tl.load(scores + p_row + m0 + o_m, mask=m_m, other=float("-inf")) - row_max) * inv
+        b_w = tl.exp(tl.load(scores + p_row + m0 + o_m, mask=m_m, other=float("-inf")) - row_max) * inv  # [BLOCK_M]
         tl.store(weights + p_row + m0 + o_m, b_w, mask=m_m)
         p_mean = means + ((i_s * num_chunks + m0 + o_m[:, None]) * num_heads + i_h) * head_dim + o_d[None, :]
-        b_mean = tl.load(p_mean, mask=m_m[:, None] & m_d[None, :], other=0.0)
+        b_mean = tl.load(p_mean, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
         b_acc += tl.sum(b_w[:, None] * b_mean, axis=0)
-    tl.store(summary + pid * head_dim + o_d, b_acc, mask=m_d)
+    tl.store(summary + i_row * head_dim + o_d, b_acc, mask=m_d)
 
 
 @triton.jit
 def softmax_backward_kernel(weights, dw, means, ds, dquery, num_chunks, num_heads, head_dim, scale,
                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per (seq, head): ds = w * (dw - sum_j w_j dw_j) and dquery = scale * sum_i ds_i mean_i."""
-    pid = tl.program_id(0).to(tl.int64)
-    i_s, i_h = pid // num_heads, pid % num_heads
+    i_s, _, i_h = program_coords(1, num_heads)
+    i_row = i_s * num_heads + i_h  # row (s, h) of the (S, H, M) scores and (S, H, D) outputs
     o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < head_dim
-    p_row = pid * num_chunks
+    p_row = i_row * num_chunks
     b_wdw = tl.zeros([BLOCK_M], dtype=tl.float32)
     for m0 in range(0, num_chunks, BLOCK_M):
         m_m = m0 + o_m < num_chunks
@@ -68,13 +69,13 @@ def softmax_backward_kernel(weights, dw, means, ds, dquery, num_chunks, num_head
     b_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for m0 in range(0, num_chunks, BLOCK_M):
         m_m = m0 + o_m < num_chunks
-        b_w = tl.load(weights + p_row + m0 + o_m, mask=m_m, other=0.0)
-        b_ds = b_w * (tl.load(dw + p_row + m0 + o_m, mask=m_m, other=0.0) - total)
+        b_w = tl.load(weights + p_row + m0 + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+        b_ds = b_w * (tl.load(dw + p_row + m0 + o_m, mask=m_m, other=0.0) - total)  # [BLOCK_M]
         tl.store(ds + p_row + m0 + o_m, b_ds, mask=m_m)
         p_mean = means + ((i_s * num_chunks + m0 + o_m[:, None]) * num_heads + i_h) * head_dim + o_d[None, :]
-        b_mean = tl.load(p_mean, mask=m_m[:, None] & m_d[None, :], other=0.0)
+        b_mean = tl.load(p_mean, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
         b_acc += tl.sum(b_ds[:, None] * b_mean, axis=0)
-    tl.store(dquery + pid * head_dim + o_d, scale * b_acc, mask=m_d)
+    tl.store(dquery + i_row * head_dim + o_d, scale * b_acc, mask=m_d)
 
 
 @triton.jit
@@ -87,20 +88,22 @@ def chunk_scale_kernel(
     """Per (seq, chunk, head), for every token t of the chunk:
         forward:  y_t  = w_c * x_t
         backward: dx_t = w_c * dy_t + (scale * ds_c * query + w_c * dsummary) / |c|"""
-    i_s, i_c, i_h, tok0, count = _chunk_coords(cu_seqlens, chunk_size, num_chunks, num_heads)
+    i_s, i_c, i_h, tok0, count = chunk_coords(cu_seqlens, chunk_size, num_chunks, num_heads)
     o_t = tl.arange(0, BLOCK_T)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < head_dim
     p_w = (i_s * num_heads + i_h) * num_chunks + i_c
-    b_w = tl.load(weights + p_w)
+    b_w = tl.load(weights + p_w)  # scalar
     if IS_BACKWARD:
-        b_q = tl.load(query + i_s * stride_qs + i_h * stride_qh + o_d, mask=m_d, other=0.0).to(tl.float32)
-        b_g = tl.load(dsummary + i_s * stride_gs + i_h * stride_gh + o_d, mask=m_d, other=0.0).to(tl.float32)
-        b_add = (scale * tl.load(ds + p_w) * b_q + b_w * b_g) / tl.maximum(count, 1).to(tl.float32)
+        b_q = tl.load(query + i_s * stride_qs + i_h * stride_qh + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BLOCK_D]
+        b_g = tl.load(dsummary + i_s * stride_gs + i_h * stride_gh + o_d, mask=m_d, other=0.0)
+        b_g = b_g.to(tl.float32)  # [BLOCK_D]
+        b_add = (scale * tl.load(ds + p_w) * b_q + b_w * b_g) / tl.maximum(count, 1).to(tl.float32)  # [BLOCK_D]
     for t0 in range(0, count, BLOCK_T):
         tok = tok0 + t0 + o_t
         m = ((t0 + o_t) < count)[:, None] & m_d[None, :]
-        b_src = tl.load(src + tok[:, None] * stride_st + i_h * stride_sh + o_d[None, :], mask=m, other=0.0)
+        p_src = src + tok[:, None] * stride_st + i_h * stride_sh + o_d[None, :]
+        b_src = tl.load(p_src, mask=m, other=0.0)  # [BLOCK_T, BLOCK_D]
         b_out = b_w * b_src.to(tl.float32)
         if IS_BACKWARD:
             b_out += b_add[None, :]

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ..._triton import next_pow2
-from ..chunk_mean.triton import as_packed, chunk_mean_fwd
+from ..._triton.layout import as_packed, program_coords, seq_span
+from ..chunk_mean.triton import chunk_mean_fwd
 
 _LOW_BITS = 2147483648  # 2^31: the chunk index lives in the low 31 bits of a key
 
@@ -39,45 +40,50 @@ def _gate_keys(b_g, o_c):
 @triton.jit
 def route_select_kernel(
     q, means, out, cu_seqlens,
-    stride_qt, stride_qh, stride_ms, stride_mc, stride_mh,
-    chunk_size, top_k, num_others, num_tiles, num_heads, group, head_dim,
+    stride_qt, stride_qh, stride_ms, stride_mc, stride_mh, stride_ot, stride_oh,
+    chunk_size, num_others, num_out, num_tiles, num_heads, group, head_dim,
     CAUSAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Per (seq, token block, q head): out[t, h, :top_k] = own chunk + the num_others best eligible chunks,
-    sorted ascending, -1 padded. num_others = min(top_k - 1, M) (more can never be eligible)."""
-    pid = tl.program_id(0).to(tl.int64)
-    i_h = pid % num_heads
-    i_b = (pid // num_heads) % num_tiles
-    i_s = pid // (num_heads * num_tiles)
-    bos = tl.load(cu_seqlens + i_s).to(tl.int64)
-    length = tl.load(cu_seqlens + i_s + 1).to(tl.int64) - bos
+    """Per (seq, token block, q head): out[t, h, :num_out] = own chunk + the num_others best eligible chunks,
+    sorted ascending, -1 padded. num_others = min(top_k - 1, M) (more can never be eligible) and num_out =
+    min(top_k, M) (a row never holds more than M chunks; columns num_out.. are the launcher's)."""
+    i_s, i_b, i_h = program_coords(num_tiles, num_heads)
+    bos, length = seq_span(cu_seqlens, i_s)
     n_chunks = (length + chunk_size - 1) // chunk_size
     o_t = i_b * BLOCK_T + tl.arange(0, BLOCK_T)  # positions inside the sequence
     m_t = o_t < length
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < head_dim
-    own = o_t // chunk_size
+    own = o_t // chunk_size  # [BLOCK_T]
     p_q = q + (bos + o_t[:, None]) * stride_qt + i_h * stride_qh + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    b_q = tl.load(p_q, mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_D]
     p_mean = means + i_s * stride_ms + (i_h // group) * stride_mh + o_d[None, :]
 
     o_k = tl.arange(0, BLOCK_K)
     b_best = tl.full([BLOCK_T, BLOCK_K], -1, dtype=tl.int64)  # sorted descending, -1 = empty slot
+    # The chunks to scan. Causal: a row may pick only chunks before its own, so the scan stops before the own
+    # chunk of the tile's last real row (half the chunks of a sequence on average, instead of all of them).
     # Tiles past the sequence end, and top_k == 1, have nothing to rank.
-    c_end = tl.where((num_others > 0) & (i_b * BLOCK_T < length), n_chunks, 0)
+    last = tl.minimum(i_b * BLOCK_T + BLOCK_T - 1, length - 1)  # the tile's last real row
+    if CAUSAL:
+        c_end = last // chunk_size
+    else:
+        c_end = n_chunks
+    c_end = tl.where((num_others > 0) & (i_b * BLOCK_T < length), c_end, 0)
     for c0 in range(0, c_end, BLOCK_C):
         o_c = c0 + tl.arange(0, BLOCK_C)
-        m_c = o_c < n_chunks
+        m_c = o_c < c_end
         b_m = tl.load(p_mean + o_c[:, None] * stride_mc, mask=m_c[:, None] & m_d[None, :], other=0.0)
+        # b_m: [BLOCK_C, BLOCK_D] chunk means
         # ieee: the gate must be the fp32 dot product (tf32 would reorder near-ties against the reference)
-        b_g = tl.dot(b_q, tl.trans(b_m), input_precision="ieee")
+        b_g = tl.dot(b_q, tl.trans(b_m), input_precision="ieee")  # [BLOCK_T, BLOCK_C]
         if CAUSAL:
             eligible = o_c[None, :] < own[:, None]
         else:
             eligible = o_c[None, :] != own[:, None]
         b_g = tl.where(eligible, b_g, float("-inf"))
-        b_key = tl.where(m_c[None, :], _gate_keys(b_g, o_c), -1)
+        b_key = tl.where(m_c[None, :], _gate_keys(b_g, o_c), -1)  # [BLOCK_T, BLOCK_C]
         # merge: the num_others largest of (running best | this block), largest first
         b_new = tl.full([BLOCK_T, BLOCK_K], -1, dtype=tl.int64)
         prev = tl.full([BLOCK_T], 9223372036854775807, dtype=tl.int64)
@@ -90,20 +96,45 @@ def route_select_kernel(
 
     # decode, drop ineligible picks (they only got in with gate -inf), add the own chunk
     none = 2147483647
-    b_idx = 2147483647 - (b_best % 2147483648)
+    b_idx = 2147483647 - (b_best % 2147483648)  # [BLOCK_T, BLOCK_K]
     if CAUSAL:
         keep = (b_best >= 0) & (b_idx < own[:, None])
     else:
         keep = (b_best >= 0) & (b_idx != own[:, None])
     b_idx = tl.where(keep, b_idx, none)
-    # emit ascending: slot r gets the smallest chosen chunk above slot r - 1 (top_k small: O(top_k^2))
-    p_out = out + ((bos + o_t) * num_heads + i_h) * top_k
+    # emit ascending: slot r gets the smallest chosen chunk above slot r - 1 (O(num_out^2), num_out <= M)
+    p_out = out + (bos + o_t) * stride_ot + i_h * stride_oh
     prev = tl.full([BLOCK_T], -1, dtype=tl.int64)
-    for r in range(0, top_k):
+    for r in range(0, num_out):
         nxt = tl.min(tl.where(b_idx > prev[:, None], b_idx, none), axis=1)
         nxt = tl.minimum(nxt, tl.where(own > prev, own, none))
         tl.store(p_out + r, tl.where(nxt == none, -1, nxt).to(tl.int32), mask=m_t)
         prev = nxt
+
+
+def select_chunks(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, width=None):
+    """The selection in columns [0, used) of a new (T, Hq, width) int32 tensor, used = min(top_k, M) (columns
+    past it are left unwritten; width defaults to used); returns (tensor, used). A row never holds more than
+    M = ceil(max_seqlen / chunk_size) chunks, so the kernel's tiles and loops stop at `used` whatever top_k."""
+    means, _ = chunk_mean_fwd(k, chunk_size, cu_seqlens, max_seqlen)  # (S, M, Hkv, D) fp32
+    qp, cu, max_seqlen = as_packed(q, cu_seqlens, max_seqlen)
+    t, hq, d = qp.shape
+    s, m = cu.numel() - 1, means.shape[1]
+    used = max(1, min(top_k, m))
+    out = torch.empty(t, hq, used if width is None else width, device=q.device, dtype=torch.int32)
+    block_t = 16  # tl.dot needs >= 16 rows; queries of a block share every means load
+    num_tiles = triton.cdiv(max_seqlen, block_t)
+    if t == 0 or s * num_tiles * hq == 0:
+        return out, used
+    num_others = min(top_k - 1, m)
+    block_d = max(16, next_pow2(d))
+    block_c = max(16, min(next_pow2(m), 4096 // block_d))
+    route_select_kernel[(s * num_tiles * hq,)](
+        qp, means, out, cu, qp.stride(0), qp.stride(1), means.stride(0), means.stride(1), means.stride(2),
+        out.stride(0), out.stride(1), chunk_size, num_others, used, num_tiles, hq, hq // k.shape[-2], d,
+        CAUSAL=bool(causal), BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_K=max(1, next_pow2(num_others)),
+        BLOCK_D=block_d, num_warps=4)
+    return out, used
 
 
 def route_chunks_triton(q, k, chunk_size, top_k, causal=True, cu_seqlens=None, max_seqlen=None):
@@ -112,31 +143,19 @@ def route_chunks_triton(q, k, chunk_size, top_k, causal=True, cu_seqlens=None, m
     Args:
         q: (B, N, Hq, D) or varlen (T, Hq, D), fp16/bf16/fp32 (fp64 is computed in fp32).
         k: like q with Hkv heads, Hq a multiple of Hkv (kv head of h is h // (Hq // Hkv)).
-        chunk_size: int >= 1. top_k: int >= 1, chunks per query including its own.
+        chunk_size: int >= 1. top_k: int >= 1, chunks per query including its own; it may exceed the number
+            of chunks M (the columns past M are -1; the kernel's tiles are sized by min(top_k, M)).
         causal: bool, default True: only chunks before the own chunk compete.
-        cu_seqlens: optional (S+1,) int32/int64 prefix sums for varlen input; max_seqlen: int with it.
+        cu_seqlens: optional (S+1,) int32/int64 prefix sums for varlen input (any strides); max_seqlen: int
+            with it, at least the longest sequence.
     Returns:
         int32 (B, N, Hq, top_k) / (T, Hq, top_k): ascending chunk indices, -1 padding at the end.
     Example:
         sel = route_chunks_triton(q, k, 64, 8)                                    # dense
         sel = route_chunks_triton(q, k, 64, 8, cu_seqlens=cu, max_seqlen=4096)   # varlen
-    Argument checks are the op's job (route_chunks/op.py check_args).
+    Argument checks are the op's job (route_chunks/op.py check_args). No host sync.
     """
-    means, _ = chunk_mean_fwd(k, chunk_size, cu_seqlens, max_seqlen)  # (S, M, Hkv, D) fp32
-    qp, cu, max_seqlen = as_packed(q, cu_seqlens, max_seqlen)
-    t, hq, d = qp.shape
-    out = torch.empty(t, hq, top_k, device=q.device, dtype=torch.int32)
-    s, m = cu.numel() - 1, means.shape[1]
-    block_t = 16  # tl.dot needs >= 16 rows; queries of a block share every means load
-    num_tiles = triton.cdiv(max_seqlen, block_t)
-    if t == 0 or s * num_tiles * hq == 0:
-        return out.reshape(*q.shape[:-1], top_k)
-    num_others = min(top_k - 1, m)
-    block_d = max(16, next_pow2(d))
-    block_c = max(16, min(next_pow2(m), 4096 // block_d))
-    route_select_kernel[(s * num_tiles * hq,)](
-        qp, means, out, cu, qp.stride(0), qp.stride(1), means.stride(0), means.stride(1), means.stride(2),
-        chunk_size, top_k, num_others, num_tiles, hq, hq // k.shape[-2], d,
-        CAUSAL=bool(causal), BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_K=max(1, next_pow2(num_others)),
-        BLOCK_D=block_d, num_warps=4)
+    out, used = select_chunks(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, top_k)
+    if used < top_k:  # columns no row can fill (top_k > M): -1, one fill on the device
+        out[..., used:].fill_(-1)
     return out.reshape(*q.shape[:-1], top_k)
