@@ -451,7 +451,8 @@ def _dedupe(lines: list) -> list:
     return [line if n == 1 else line.replace(" |", f" (x{n}) |", 1) for line, n in counts.items()]
 
 
-def markdown(records: list, problems: list, notes: list = (), cuda_note: str | None = None) -> str:
+def markdown(records: list, problems: list, notes: list = (), cuda_note: str | None = None,
+             triton_title: str = "Triton, default variants (GPU benchmark shapes, D = 64 / 128, bf16)") -> str:
     """Tables: default Triton variants on sm_90 with their sm_80 / sm_86 shared memory and occupancy beside;
     the other (compile check) Triton variants on sm_90; the CUDA C++ kernels."""
     lines = []
@@ -483,13 +484,14 @@ def markdown(records: list, problems: list, notes: list = (), cuda_note: str | N
     order = lambda r: (r["kernel"], r["inputs"], r["constexprs"])  # noqa: E731
     defaults = [r for r in tri if r["default"] and r["arch"] == "sm_90"]
     if defaults:
-        lines += ["", "## Triton, default variants (GPU benchmark shapes, D = 64 / 128, bf16)", "",
+        lines += ["", f"## {triton_title}", "",
                   head + " sm_80 smem KB / warps/SM | sm_86 smem KB / warps/SM |", sep + "---|---|"]
         body = []
         for r in sorted(defaults, key=order):
             cells = []
             for name in ("sm_80", "sm_86"):
-                o = next((x for x in tri if x["arch"] == name and x["variant"] == r["variant"]), None)
+                o = next((x for x in tri if x["arch"] == name and r.get("variant") is not None
+                          and x.get("variant") == r["variant"]), None)
                 cells.append("-" if o is None else f"{_kb(o['smem'])} / {occ(o)}, {_spill(o)}")
             body.append(row(r) + f" {cells[0]} | {cells[1]} |")
         lines += _dedupe(body)
@@ -613,7 +615,8 @@ def bench_section(device: str) -> tuple[dict, str]:
                "cuda_skipped": cuda_note, "records": records}
     if not device.startswith("cuda"):
         notes.append("Triton kernels did not run (CPU): their report is `python -m bench.resources`")
-    return section, markdown(records, problems, notes, cuda_note)
+    text = markdown(records, problems, notes, cuda_note, triton_title="Triton kernels this run compiled (JIT)")
+    return section, text.replace("\n## ", "\n### ")
 
 
 def _jit_record(fn, kernel, cap: int, arch: Arch | None) -> dict:
@@ -623,7 +626,12 @@ def _jit_record(fn, kernel, cap: int, arch: Arch | None) -> dict:
     except Exception:  # noqa: BLE001 - no cuobjdump: the driver's numbers (static shared memory unknown: 0)
         usage = {"regs": kernel.n_regs, "stack": 4 * kernel.n_spills, "static_smem": 0, "local": 0}
     smem = usage["static_smem"] + meta.shared
-    rec = {"kind": "triton", "arch": f"sm_{cap}", "kernel": fn.__name__, "inputs": "", "constexprs": "",
+    src = getattr(kernel, "src", None)  # the ASTSource the JIT compiled: its signature and constexprs
+    signature = getattr(src, "signature", None) or {}
+    constants = {fn.arg_names[k[0]] if isinstance(k, tuple) else k: v
+                 for k, v in (getattr(src, "constants", None) or {}).items()}
+    rec = {"kind": "triton", "arch": f"sm_{cap}", "kernel": fn.__name__, "inputs": _in_types(signature),
+           "constexprs": _constexprs(constants),
            "default": True, "num_warps": meta.num_warps, "num_stages": meta.num_stages,
            "threads": meta.num_warps * 32, "regs": usage["regs"], "stack": usage["stack"], "local": usage["local"],
            "spill_stores": None, "spill_loads": None, "static_smem": usage["static_smem"],
