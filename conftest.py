@@ -46,3 +46,16 @@ def poison(monkeypatch):
         yield
     finally:
         _ext._C.set_cpu_output_cache_poison(False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Tables that tests attach with record_property("resource_table", text) (the GPU kernel resources of
+    python_tests/test_triton_sm90_compile.py) go into the pytest output, so CI logs show them without -s."""
+    seen = set()
+    for kind in ("passed", "failed"):
+        for report in terminalreporter.stats.get(kind, []):
+            for name, value in getattr(report, "user_properties", ()):
+                if name == "resource_table" and value not in seen:
+                    seen.add(value)
+                    terminalreporter.section("GPU kernel resources (bench/resources.py)")
+                    terminalreporter.write(value)

@@ -88,8 +88,16 @@ def main(argv=None) -> int:
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
 
     table = markdown_table(rows, providers, ceilings)
+    resources_md = ""
+    try:  # registers, spills, shared memory, occupancy of the kernels this run used (bench/resources.py)
+        from .resources import bench_section
+
+        meta["resources"], resources_md = bench_section(device)
+        resources_md = f"\n## GPU kernel resources\n\n{resources_md}"
+    except Exception as e:  # noqa: BLE001 - the timings matter more
+        meta["resources"] = f"unavailable: {type(e).__name__}: {e}"
     title = f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['commit']}"
-    stem.with_suffix(".md").write_text(f"# {title}\n\n{meta['timestamp']}\n\n{table}\n")
+    stem.with_suffix(".md").write_text(f"# {title}\n\n{meta['timestamp']}\n\n{table}\n{resources_md}")
     write_json(stem.with_suffix(".json"), rows, meta)
     plotted = plot(stem.with_suffix(".png"), rows, title, ceilings, providers)
     written = [stem.with_suffix(s) for s in (".csv", ".json", ".md")]

@@ -1,5 +1,6 @@
 """Smoke test of the benchmark harness: `python -m bench --quick` end to end on this machine."""
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -38,6 +39,11 @@ def test_quick_bench_writes_csv_and_plot(tmp_path):
             assert math.isfinite(ms) and ms > 0, r
             assert float(r["ms_p20"]) <= ms <= float(r["ms_p80"]), r
             assert float(r["throughput"]) > 0, r
+
+    # the GPU kernel resources section (bench/resources.py): here the CUDA C++ kernels of the extension, if built
+    meta = json.loads(next(tmp_path.glob("*.json")).read_text())["meta"]
+    assert isinstance(meta["resources"], dict), meta["resources"]
+    assert "## GPU kernel resources" in next(tmp_path.glob("*.md")).read_text()
 
     try:
         import matplotlib  # noqa: F401

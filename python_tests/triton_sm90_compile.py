@@ -3,24 +3,31 @@
 The interpreter runs the kernels' Python, not Triton's compiler: a construct the compiler rejects (a loop-carried
 value that changes type, an unsupported op, a bf16 path the interpreter cannot run) passes the CPU tests and
 fails on the first GPU. This script calls the real launchers on CPU tensors with JITFunction.run replaced by an
-ahead-of-time compile for GPUTarget("cuda", 90, 32): the launch arguments become the kernel's signature (ints
-equal to 1 become constants, as the JIT does; its divisible-by-16 hints are not reproduced, so the GPU compiles
-close relatives of these variants), the compile goes through TTIR, TTGIR, LLVM IR, PTX and ptxas, and nothing is
-launched.
+ahead-of-time compile for GPUTarget("cuda", 90, 32): the launch arguments are specialized by the JIT's own binder
+(argument types, ints equal to 1 as constants, divisible-by-16 hints of ints and aligned pointers), so these are
+the variants a GPU compiles for the same arguments; the compile goes through TTIR, TTGIR, LLVM IR, PTX and ptxas,
+and nothing is launched.
 
 Run it in a process WITHOUT TRITON_INTERPRET (python_tests/test_triton_sm90_compile.py does). It prints one
-line per compiled (kernel, signature) and exits 1 if any compile failed.
+line per compiled (kernel, signature) and exits 1 if any compile failed. With `--report DIR` it also compiles the
+variants the launchers pick at the GPU benchmark shapes and writes the resource report of bench/resources.py
+(registers, spills, shared memory, occupancy; sm_80/86 too) into DIR, reusing this one compile pass.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import os
 import sys
 import traceback
+from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler import compile as triton_compile  # noqa: E402
@@ -45,6 +52,19 @@ EXPECTED_BRANCHES = {("route_select_kernel", "CAUSAL"): {True, False},
                      ("chunk_scale_kernel", "IS_BACKWARD"): {True, False}}
 
 compiled: dict = {}  # (kernel, signature, constexprs) -> None (ok) or an error string
+# For the resource report: key -> dict(fn, signature, constexprs, options, kernel, ptxas_log) of each compiled
+# variant, and key -> the launch groups that reached it ("check": _cases, "bench": the benchmark shapes).
+variants: dict = {}
+groups: dict = {}
+_group = ["check"]
+
+
+def compile_with_log(src, options, target=TARGET):
+    """triton.compile, keeping ptxas -v's log (spill bytes); the log is empty when the kernel came from the cache."""
+    knobs.nvidia.dump_ptxas_log = True  # Triton prints the log of each ptxas run
+    with contextlib.redirect_stdout(io.StringIO()) as log:
+        kernel = triton_compile(src, target=target, options=options)
+    return kernel, log.getvalue()
 
 
 def _arg_type(value) -> str:
@@ -59,27 +79,55 @@ def _arg_type(value) -> str:
     raise TypeError(f"unsupported kernel argument {type(value).__name__}")
 
 
-def _aot_run(self, *args, grid, warmup, **kwargs):
-    """Stands in for JITFunction.run: compile for sm_90 with the launch's arguments, launch nothing."""
-    options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
-    bound = dict(zip(self.arg_names, args))
+def _plain_signature(fn, args, kwargs):
+    """Signature and constexprs from the argument values alone (ints equal to 1 become constants, as in the JIT;
+    no divisibility hints): the fallback where the JIT's binder below is not available."""
+    bound = dict(zip(fn.arg_names, args))
     bound.update(kwargs)
     signature, constexprs = {}, {}
-    for param in self.params:
+    for param in fn.params:
         value = bound[param.name] if param.name in bound else param.default
-        # Like the JIT: an int argument equal to 1 becomes a constant (e.g. group = 1 for MHA).
         one = isinstance(value, int) and not isinstance(value, bool) and value == 1 and not param.do_not_specialize
         if param.is_constexpr or one:
             signature[param.name] = "constexpr"
             constexprs[param.name] = value
         else:
             signature[param.name] = _arg_type(value)
-    key = (self.__name__, tuple(signature.items()), tuple(sorted(constexprs.items(), key=str)))
+    return signature, constexprs, {}
+
+
+def _jit_signature(fn, args, kwargs):
+    """The JIT's own specialization of a launch (JITFunction.run, triton 3.8): argument types, ints equal to 1 as
+    constants, and the divisible-by-16 hints (tt.divisibility) of ints and 16-byte aligned pointers, which decide
+    whether loads vectorize and so change registers and spills. Returns (signature, constexprs by name, attrs)."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(TARGET)
+    if getattr(fn, "_aot_binder", None) is None:
+        fn._aot_binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, _ = fn._aot_binder(*args, **kwargs)
+    _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, None)
+    return signature, {fn.arg_names[path[0]]: value for path, value in constexprs.items()}, attrs
+
+
+def _aot_run(self, *args, grid, warmup, **kwargs):
+    """Stands in for JITFunction.run: compile for sm_90 with the launch's arguments, launch nothing."""
+    try:
+        signature, constexprs, attrs = _jit_signature(self, args, kwargs)
+    except (ImportError, AttributeError, TypeError, ValueError):  # another triton: no hints, close relatives
+        signature, constexprs, attrs = _plain_signature(self, args, kwargs)
+    options = {k: kwargs[k] for k in _LAUNCH_OPTIONS if k in kwargs}
+    aligned = tuple(sorted(self.arg_names[path[0]] for path, attr in attrs.items() if attr))
+    key = (self.__name__, (tuple(signature.items()), aligned), tuple(sorted(constexprs.items(), key=str)))
+    groups.setdefault(key, set()).add(_group[0])
     if key in compiled:
         return None
     try:
-        triton_compile(ASTSource(self, signature, constexprs), target=TARGET, options=options)
+        kernel, log = compile_with_log(ASTSource(self, signature, constexprs, attrs), options)
         compiled[key] = None
+        variants[key] = dict(fn=self, signature=signature, constexprs=constexprs, attrs=attrs, options=options,
+                             kernel=kernel, ptxas_log=log)
         print(f"ok   {self.__name__} {_short(signature, constexprs)}", flush=True)
     except Exception as error:  # noqa: BLE001 - collect every failure, report at the end
         compiled[key] = f"{type(error).__name__}: {error}"
@@ -145,10 +193,21 @@ def _attention(ra, q, k, v, causal, cu=None, max_seqlen=None, chunk_size=16):
                                    cu, max_seqlen)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--report", type=Path, help="also write the resource report (bench/resources.py) here")
+    parser.add_argument("--report-stem", default="resources", help="report file names: STEM.json, STEM.md")
+    args = parser.parse_args(argv)
     JITFunction.run = _aot_run
     for call in _cases():
         call()
+    if args.report:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: bench/ is not installed
+        from bench import resources
+
+        _group[0] = "bench"
+        for call in resources.bench_launches():
+            call()
     names = {name for name, _, _ in compiled}
     missing = sorted(EXPECTED_KERNELS - names)
     failed = {k: v for k, v in compiled.items() if v is not None}
@@ -167,6 +226,9 @@ def main() -> int:
     print(f"{len(compiled)} kernel variants compiled for sm_90, {len(failed)} failed")
     for (name, _, constexprs), error in failed.items():
         print(f"FAILED {name} {dict(constexprs)}: {error.splitlines()[0][:300]}")
+    if args.report:
+        report = resources.write_report(variants, groups, compile_with_log, args.report, args.report_stem)
+        print(f"resource report: {args.report / args.report_stem}.md, {len(report['violations'])} violations")
     return 1 if failed else 0
 
 

@@ -118,8 +118,10 @@ def _per_seq(t: torch.Tensor, num_seqs: int) -> torch.Tensor:
 
 
 def _row_blocks(num_chunks: int, head_dim: int) -> tuple[int, int]:
+    # <= 2048 / D chunks per (BLOCK_M, BLOCK_D) means tile: at 4096 / D the softmax summary spilled at D = 64
+    # (sm_90, 8 bytes); now <= 72 registers, no spills (bench/resources.py)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    return max(16, min(triton.next_power_of_2(max(num_chunks, 1)), 4096 // block_d)), block_d
+    return max(16, min(triton.next_power_of_2(max(num_chunks, 1)), 2048 // block_d)), block_d
 
 
 def _launch_scale(src, out, weights, ds, query, dsummary, cu, chunk_size, scale, is_backward):

@@ -128,7 +128,9 @@ def select_chunks(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, width
         return out, used
     num_others = min(top_k - 1, m)
     block_d = max(16, next_pow2(d))
-    block_c = max(16, min(next_pow2(m), 4096 // block_d))
+    # <= 2048 / D chunks per block: at 4096 / D the gate tile and the merge spilled at D = 128 (sm_90, 64 bytes)
+    # and took 168 registers (3 blocks / SM) at D = 64; now 48-80 registers, no spills (bench/resources.py)
+    block_c = max(16, min(next_pow2(m), 2048 // block_d))
     route_select_kernel[(s * num_tiles * hq,)](
         qp, means, out, cu, qp.stride(0), qp.stride(1), means.stride(0), means.stride(1), means.stride(2),
         out.stride(0), out.stride(1), chunk_size, num_others, used, num_tiles, hq, hq // k.shape[-2], d,

@@ -300,14 +300,23 @@ def routed_bwd_dkv_kernel(
 def _blocks(q, v, chunk_size, width):
     """Constexpr tile sizes shared by the kernels: D, Dv padded to powers of 2 (>= 16, tl.dot's minimum), key
     blocks inside a chunk, the selection's columns (width = min(top_k, M), see route_chunks' select_chunks) and
-    the fp32 dot precision (ieee = exact fp32; tf32 is ignored for 16-bit inputs)."""
+    the fp32 dot precision (ieee = exact fp32; tf32 is ignored for 16-bit inputs).
+    Key blocks of 32, not 64: at 64 (bf16, 64-row tiles) the forward and dq spilled on sm_80/86 (up to 156 bytes)
+    and dq needed 104 KB of shared memory at D = 128, more than sm_86/89 give a block (bench/resources.py)."""
     return dict(
-        BLOCK_N=max(16, min(next_pow2(chunk_size), 64)),
+        BLOCK_N=max(16, min(next_pow2(chunk_size), 32)),
         BLOCK_K=next_pow2(width),
         BLOCK_D=max(16, next_pow2(q.shape[-1])),
         BLOCK_DV=max(16, next_pow2(v.shape[-1])),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
     )
+
+
+def _warps(rows):
+    """Warps of a forward/dq program with `rows` = BLOCK_M * pack rows: 8 for 64 rows (the fp32 accumulator, the
+    scores and their 64-bit addresses then fit in registers without spills on sm_80/86/90; 4 warps needed 250+
+    registers per thread), else 4."""
+    return 8 if rows >= 64 else 4
 
 
 # Forced q heads per forward/dq program (a power of 2 dividing the GQA group), or None for the heuristic.
@@ -410,7 +419,7 @@ def routed_attention_fwd_triton(q, k, v, chunk_size, top_k, causal=True, cu_seql
             qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
             o.stride(0), o.stride(1), chunk_size, width, hq, hq // hkv, d, dv, scale,
             CAUSAL=bool(causal), BLOCK_M=BLOCK_M * pack, PACK=pack, **_blocks(q, v, chunk_size, width),
-            num_warps=4)
+            num_warps=_warps(BLOCK_M * pack))
     return o.reshape(*q.shape[:-1], dv), lse.to(accum_dtype(q.dtype)).reshape(q.shape[:-1])
 
 
@@ -454,7 +463,7 @@ def routed_attention_bwd_triton(do, dlse, q, k, v, o, lse, chunk_size, top_k, ca
             qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
             dop.stride(0), dop.stride(1), dq.stride(0), dq.stride(1),
             *common, hq, hq // hkv, d, dv_dim, scale,
-            CAUSAL=bool(causal), BLOCK_M=BLOCK_M * pack, PACK=pack, **blocks, num_warps=4)
+            CAUSAL=bool(causal), BLOCK_M=BLOCK_M * pack, PACK=pack, **blocks, num_warps=_warps(BLOCK_M * pack))
         flags = _chunk_tile_flags(sel, cu, tiles, max_seqlen, chunk_size)
         chunk_first, chunk_seq, num_chunks = seq_blocks(cu, t, max_seqlen, chunk_size)
         num_slices = triton.cdiv(chunk_size, blocks["BLOCK_N"])
