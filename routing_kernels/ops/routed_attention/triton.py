@@ -473,5 +473,7 @@ def routed_attention_bwd_triton(do, dlse, q, k, v, o, lse, chunk_size, top_k, ca
             qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
             dop.stride(0), dop.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             *common, num_slices, hq, hkv, d, dv_dim, scale,
-            CAUSAL=bool(causal), BLOCK_M=BLOCK_M, BLOCK_F=block_f, **blocks, num_warps=4)
+            # 8 warps: with 4, the flag scan (BLOCK_F 128) beside 32-key slices spilled 16-24 bytes on sm_80/86 at
+            # D = 64 bf16 (ptxas capped it at 128 registers); 8 warps need 112-116, no spills (bench/resources.py)
+            CAUSAL=bool(causal), BLOCK_M=BLOCK_M, BLOCK_F=block_f, **blocks, num_warps=8)
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
