@@ -36,6 +36,10 @@ EXPECTED_KERNELS = {"chunk_reduce_kernel", "chunk_mean_backward_kernel", "softma
                     "softmax_backward_kernel", "chunk_scale_kernel", "route_select_kernel", "routed_fwd_kernel",
                     "routed_bwd_dq_kernel", "mark_tiles_kernel", "routed_bwd_dkv_kernel"}
 
+from triton_sm90_decode import DECODE_KERNELS, decode_cases  # noqa: E402  the decode kernels' own cases
+
+EXPECTED_KERNELS = EXPECTED_KERNELS | DECODE_KERNELS
+
 compiled: dict = {}  # (kernel, signature, constexprs) -> None (ok) or an error string
 
 
@@ -130,6 +134,8 @@ def _attention(ra, q, k, v, causal):
 def main() -> int:
     JITFunction.run = _aot_run
     for call in _cases():
+        call()
+    for call in decode_cases():
         call()
     names = {name for name, _, _ in compiled}
     missing = sorted(EXPECTED_KERNELS - names)
