@@ -4,7 +4,7 @@ The cache is filled by appends (a varlen prefill, then two more varlen appends),
 running sums; the reference recomputes everything from the cache's K/V and seqused_k. On CPU the kernels run
 under TRITON_INTERPRET=1 (root conftest.py), in fp32 and fp16 (the interpreter cannot do bf16); it costs per
 program and per reduction, so the shapes are small: C = 4 (8 for Lq = 16), D <= 128, a few rows.
-The row lengths are C's boundaries 1, C-1, C, C+1, 5C+3, each raised to Lq (query i of a row sits at
+The row lengths are C's boundaries 1, C-1, C, C+1, 3C+1, 5C+3, each raised to Lq (query i of a row sits at
 seqused - Lq + i, so a row needs seqused >= Lq).
 """
 from __future__ import annotations
@@ -31,7 +31,9 @@ def _cu(counts):
 
 def _lengths(chunk_size, q_len):
     c = chunk_size
-    return sorted({max(n, q_len) for n in (1, c - 1, c, c + 1, 5 * c + 3)})
+    # 3C + 1: a query at p = 3C, where chunk 2 just became eligible and competes with chunks 0 and 1 (at p = C
+    # an off-by-one in the eligibility still picks chunk 0, the only other candidate, with gate -inf)
+    return sorted({max(n, q_len) for n in (1, c - 1, c, c + 1, 3 * c + 1, 5 * c + 3)})
 
 
 def _cache(lengths, hkv, d, dv, chunk_size, dtype, capacity, seed=0):
