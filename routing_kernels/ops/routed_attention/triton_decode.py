@@ -23,14 +23,14 @@ chunks one after another. Here the work is spread over the chunks instead, with 
    selected j (GQA heads and queries share the loads; tl.dot when the tile has >= 16 rows, a broadcast
    multiply-reduce below) and writes each such row's partial (lse, normalized o) into that row's slot of j.
    Every (row, slot) has exactly one writer: no atomics, deterministic.
-3. Merge (decode_merge_kernel), one program per (b, query, q head): combines the row's partials by lse in slot
-   order.
+3. Merge (decode_merge_kernel), one program per MERGE_ROWS (b, query, q head) rows: combines each row's
+   partials by lse, a sequential sum in slot order.
 
 Costs: the needed bytes are the key sums (M * Hkv * D * 4 per row b) plus the selected chunks' K/V; the grid of
 kernel 2 is B * Hq * Lq * S programs of which only the union of each tile's selections does work (the rest read
-S indices and exit). Workspace: (B * Lq * Hq, S) partials of Dv + 1 fp32 (<= B * Hq * Lq * min(top_k, M) * Dv
-fp32, the bound promised to the caller), plus the gate splits' candidates (B * Lq * Hq * splits * (top_k - 1)
-int64, splits * (top_k - 1) <= MAX_CANDIDATES). A chunk is streamed by one program, so few selected chunks
+S indices and exit). Workspace: partial o, B * Lq * Hq * S * Dv fp32 (S = min(top_k, M): the bound promised to
+the caller), and partial lse, B * Lq * Hq * S fp32; with a split gate also its candidates,
+B * Lq * Hq * splits * (top_k - 1) int64 (splits * (top_k - 1) about MAX_CANDIDATES at most). A chunk is streamed by one program, so few selected chunks
 (small B * Hkv * top_k) leave SMs idle; splitting chunks across programs would need a larger workspace.
 GPU-unmeasured: the tile sizes and split heuristics below are first guesses for the benchmark to tune.
 
@@ -48,7 +48,6 @@ from ..._triton import next_pow2
 from ..route_chunks.triton import _gate_keys
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 # Programs the gate aims for when it splits the chunks (~2 per SM of an H200's 132); shapes only, no GPU query.
 GATE_TARGET_PROGRAMS = 264
 MAX_CANDIDATES = 1024  # splits * (top_k - 1) per row: the merge kernel's work, kept small
