@@ -43,6 +43,10 @@ EXPECTED_KERNELS = {"chunk_reduce_kernel", "chunk_mean_backward_kernel", "softma
                     "softmax_backward_kernel", "chunk_scale_kernel", "route_select_kernel", "routed_fwd_kernel",
                     "routed_bwd_dq_kernel", "mark_tiles_kernel", "routed_bwd_dkv_kernel"}
 
+from triton_sm90_decode import DECODE_KERNELS, decode_cases  # noqa: E402  the decode kernels' own cases
+
+EXPECTED_KERNELS = EXPECTED_KERNELS | DECODE_KERNELS
+
 # Constexpr branches that must each be compiled at least once: (kernel, constexpr) -> values.
 EXPECTED_BRANCHES = {("route_select_kernel", "CAUSAL"): {True, False},
                      ("routed_bwd_dkv_kernel", "CAUSAL"): {True, False},
@@ -200,6 +204,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     JITFunction.run = _aot_run
     for call in _cases():
+        call()
+    for call in decode_cases():
         call()
     if args.report:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: bench/ is not installed
