@@ -244,3 +244,31 @@ def test_bad_key_sums():
                            "key_sums must be torch.float32")]:
         with pytest.raises((ValueError, TypeError), match=match):
             rk.routed_attention(x[:, :1], x, x, C, 2, **kwargs)
+
+
+DECODE_BACKENDS = [b for b, ok in (("cpu", rk._ext.has_kernel("routed_decode_fwd", "cpu")),
+                                   ("triton", rk._triton.can_run("cpu"))) if ok]
+
+
+@pytest.mark.parametrize("backend", DECODE_BACKENDS)
+def test_decode_layout_runs_the_decode_kernels_and_the_reference_backward(backend, monkeypatch):
+    from routing_kernels.ops.routed_attention import decode, op
+    calls = []
+    for name in ("cpu", "triton"):
+        real = getattr(decode, name)
+        monkeypatch.setattr(decode, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    bwd = []
+    real_bwd = op.BACKWARD_KERNELS["reference"]
+    monkeypatch.setitem(op.BACKWARD_KERNELS, "reference", lambda *a: bwd.append(1) or real_bwd(*a))
+    cache = rk.RoutedKVCache(1, 3, capacity=40, num_kv_heads=2, head_dim=16, chunk_size=C)
+    k = _rand(3, 29, 2, 16, seed=1, dtype=torch.float32)
+    cache.append(0, k[:, :26], k[:, :26])
+    q = _rand(3, 3, 4, 16, seed=2, dtype=torch.float32).requires_grad_()
+    cache.append(0, k[:, 26:], k[:, 26:])
+    got = cache.attention(0, q, top_k=3, backend=backend)
+    want = rk.routed_attention(q, cache.keys(0), cache.values(0), C, 3, seqused_k=cache.seqlens[0],
+                               backend="reference")
+    assert calls == [backend]
+    assert_close_scaled(got, want, torch.float32)
+    got.sum().backward()  # forward-only kernels: the reference's backward
+    assert bwd == [1] and q.grad is not None
