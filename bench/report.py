@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 COLUMNS = ["op", "provider", "mode", "shape", "dtype", "device", "ms_median", "ms_p20", "ms_p80",
-           "throughput", "throughput_unit", "peak_mem_mb", "torch", "triton", "commit",
+           "throughput", "throughput_unit", "peak_mem_mb", "status", "note", "torch", "triton", "commit",
            "timestamp"]
+STATUSES = ("ok", "n/a", "failed", "skipped")  # skipped: the --budget-s time budget was spent
 
 
 def file_stem(device_name: str, timestamp: str) -> str:
@@ -49,47 +50,83 @@ def write_json(path: Path, rows: list, meta: dict):
 
 
 def _cell(row) -> str:
-    ms = row["ms_median"]
-    if math.isnan(ms):
-        return "n/a"
-    thr = row["throughput"]
-    return f"{ms:.3g} ms, {thr:.3g} {row['throughput_unit']}"
+    if row["status"] != "ok":
+        return {"failed": "**FAILED**"}.get(row["status"], row["status"])
+    return f"{row['ms_median']:.3g} ms, {row['throughput']:.3g} {row['throughput_unit']}"
+
+
+def _by_case(rows: list):
+    """{(op, mode, shape, dtype): {provider: row}}, in first-seen order."""
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["op"], r["mode"], r["shape"], r["dtype"]), {})[r["provider"]] = r
+    return cells
+
+
+def status_notes(rows: list) -> list:
+    """One line per distinct reason (n/a, skipped) or error (failed), naming what it covers."""
+    groups = {}
+    for r in rows:
+        if r["status"] != "ok":
+            what = groups.setdefault((r["status"], r["provider"], r["note"]), {})
+            what.setdefault(r["op"], set()).add(r["mode"])
+    lines = []
+    for (status, provider, note), ops in groups.items():
+        covers = "; ".join(f"{op} {','.join(m for m in ('fwd', 'bwd', 'fwd+bwd') if m in modes)}"
+                           for op, modes in ops.items())
+        lines.append(f"{status.upper() if status == 'failed' else status}: {provider} ({covers}): {note}")
+    return lines
 
 
 def markdown_table(rows: list, providers: list, ceilings: dict | None = None) -> str:
-    """One line per (op, mode, shape), one column per provider: 'ms, throughput'."""
-    keys, cells = [], {}
-    for r in rows:
-        key = (r["op"], r["mode"], r["shape"], r["dtype"])
-        if key not in cells:
-            keys.append(key)
-            cells[key] = {}
-        cells[key][r["provider"]] = r
+    """One line per (op, mode, shape), one column per provider: 'ms, throughput'; then why any
+    cell holds no time."""
+    cells = _by_case(rows)
     head = ["op", "mode", "shape", "dtype"] + providers
     if ceilings:
         head.append("ours/ceiling")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    notes = []
-    for key in keys:
+    for key, by_provider in cells.items():
         line = list(key)
         for p in providers:
-            r = cells[key].get(p)
+            r = by_provider.get(p)
             line.append(_cell(r) if r else "-")
-            if r and r.get("note") and math.isnan(r["ms_median"]):
-                notes.append(f"{p} {key[0]} {key[1]} {key[2]}: {r['note']}")
         if ceilings:
-            line.append(_fraction(cells[key].get("ours"), ceilings))
+            line.append(_fraction(by_provider.get("ours"), ceilings))
         lines.append("| " + " | ".join(line) + " |")
     if ceilings:
         lines.append("\nceilings: " + ", ".join(f"{k}={v:.4g}" for k, v in ceilings.items()
                                                    if isinstance(v, (int, float))))
+    notes = status_notes(rows)
     if notes:
         lines.append("\nnot measured:\n" + "\n".join(f"- {n}" for n in notes))
     return "\n".join(lines)
 
 
+def summary_table(rows: list, ours_names) -> str:
+    """The headline: per (op, mode, shape), ours against the fastest provider that is not one of our
+    kernels. speedup = their ms / our ms (> 1: ours is faster)."""
+    head = "| op | mode | shape | ours | best other | speedup |\n|---|---|---|---|---|---|"
+    lines = []
+    for (op, mode, shape, _), by_provider in _by_case(rows).items():
+        ours = by_provider.get("ours")
+        others = [r for p, r in by_provider.items() if p not in ours_names and r["status"] == "ok"]
+        if not ours:
+            continue
+        best = min(others, key=lambda r: r["ms_median"]) if others else None
+        mine = f"{ours['ms_median']:.3g} ms" if ours["status"] == "ok" else _cell(ours)
+        theirs = f"{best['provider']} {best['ms_median']:.3g} ms" if best else "none measured"
+        speedup = (f"{best['ms_median'] / ours['ms_median']:.2f}x" if best and ours["status"] == "ok"
+                   else "-")
+        lines.append(f"| {op} | {mode} | {shape} | {mine} | {theirs} | {speedup} |")
+    if not lines:
+        return ""
+    return ("ours vs the fastest other provider (speedup = their time / ours; > 1: ours is faster)\n\n"
+            + head + "\n" + "\n".join(lines))
+
+
 def _fraction(row, ceilings) -> str:
-    if not row or math.isnan(row["throughput"]):
+    if not row or row["status"] != "ok":
         return "-"
     peak = ceilings.get("copy_GB/s") if row["throughput_unit"] == "GB/s" else ceilings.get(
         "matmul_TFLOP/s")
