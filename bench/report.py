@@ -133,9 +133,14 @@ def _fraction(row, ceilings) -> str:
     return f"{100 * row['throughput'] / peak:.0f}%" if peak else "-"
 
 
+_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"), ((0, (1, 3)), "P")]
+
+
 def plot(path: Path, rows: list, title: str, ceilings: dict | None = None,
          providers: list | None = None) -> bool:
-    """Throughput vs N, one subplot per (op, mode), one line per provider (same colour in all)."""
+    """Throughput vs N, one subplot per (op, mode), one line per provider and shape family (the shape
+    without N and B, e.g. Hkv=8 vs Hkv=2): colour = provider, line style and marker = family, the same in
+    every subplot; the legend names the parts of the family that differ within the subplot."""
     try:
         import matplotlib
 
@@ -144,32 +149,40 @@ def plot(path: Path, rows: list, title: str, ceilings: dict | None = None,
     except ImportError:
         print("warning: matplotlib is not installed, no plot written", file=sys.stderr)
         return False
-    panels = list(dict.fromkeys((r["op"], r["mode"]) for r in rows))
+    ok = [r for r in rows if r["status"] == "ok"]
+    panels = list(dict.fromkeys((r["op"], r["mode"]) for r in ok))
     providers = providers or list(dict.fromkeys(r["provider"] for r in rows))
     colour = {p: f"C{i}" for i, p in enumerate(providers)}
     if not panels:
         return False
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 3.9 * nrows), squeeze=False)
     for ax, (op, mode) in zip(axes.flat, panels):
-        sel = [r for r in rows if (r["op"], r["mode"]) == (op, mode)]
+        sel = [r for r in ok if (r["op"], r["mode"]) == (op, mode)]
         unit = sel[0]["throughput_unit"]
+        families = list(dict.fromkeys(r["family"] for r in sel))
+        varying = _varying_parts(families)
         for prov in providers:
-            pts = sorted((r["N"], r["throughput"]) for r in sel
-                         if r["provider"] == prov and not math.isnan(r["throughput"]))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=prov, color=colour[prov])
+            for i, fam in enumerate(families):
+                pts = sorted((r["N"], r["throughput"]) for r in sel
+                             if r["provider"] == prov and r["family"] == fam)
+                if not pts:
+                    continue
+                line, marker = _STYLES[i % len(_STYLES)]
+                label = f"{prov} {varying[fam]}".strip()
+                ax.plot(*zip(*pts), marker=marker, linestyle=line, label=label, color=colour[prov])
         ceiling = (ceilings or {}).get("copy_GB/s" if unit == "GB/s" else "matmul_TFLOP/s")
         if ceiling:
             ax.axhline(ceiling, color="gray", linestyle="--", linewidth=1, label="ceiling")
         ax.set_xscale("log", base=2)
         ax.set_ylim(bottom=0)
-        ax.set_title(f"{op} {mode}")
+        common = _common_parts(families)
+        ax.set_title(f"{op} {mode}" + (f"\n{common}" if common else ""), fontsize=9)
         ax.set_xlabel("sequence length N")
         ax.set_ylabel(unit)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
@@ -177,3 +190,15 @@ def plot(path: Path, rows: list, title: str, ceilings: dict | None = None,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _common_parts(families: list) -> str:
+    sets = [set(f.split()) for f in families]
+    shared = set.intersection(*sets) if sets else set()
+    return " ".join(t for t in families[0].split() if t in shared) if families else ""
+
+
+def _varying_parts(families: list) -> dict:
+    """family -> its tokens that not every family of the subplot shares ("Hkv=2"), or ""."""
+    shared = set(_common_parts(families).split())
+    return {f: " ".join(t for t in f.split() if t not in shared) for f in families}
