@@ -178,7 +178,8 @@ def plan(cases, providers, modes) -> list:
 
 def run(cases, providers, modes, *, quick=False, budget_s=math.inf, on_row=None, meta=None):
     """Benchmark everything; never raises for a provider. Each row has a status:
-    ok, n/a (a known reason, in the note), failed (the error, in the note), skipped (time budget)."""
+    ok, n/a (a known reason, in the note), failed (the error, in the note), skipped (time budget:
+    no measurement starts after budget_s seconds, nor one that the estimate says would end after it)."""
     work = plan(cases, providers, modes)
     if meta is None:
         meta = run_meta(cases[0].device) if cases else {}
@@ -214,7 +215,11 @@ def run(cases, providers, modes, *, quick=False, budget_s=math.inf, on_row=None,
             else:
                 progress.show(label, eta.left_s(todo, budget_s - (time.perf_counter() - t_start)))
                 t0 = time.perf_counter()
-                row = _measure(case, name, mode, fn, inputs_of[case], quick, build_err, budget_s, t_start)
+                status = build_err
+                est = eta.item_s(case, name, mode) if math.isfinite(budget_s) else None
+                if not status and est is not None and t0 - t_start + est > budget_s:
+                    status = "skipped", f"time budget: estimated {est:.0f} s would end past {budget_s:.0f} s"
+                row = _measure(case, name, mode, fn, inputs_of[case], quick, status, budget_s, t_start)
                 row["wall_s"] = round(time.perf_counter() - t0 + t_build, 2)
                 t_build = 0.0
                 todo.remove((case, name, mode))
