@@ -115,9 +115,14 @@ def main(argv=None) -> int:
         title = title.replace(" | torch", f" {meta['cpu_simd']} | torch", 1)
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     tally = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    header = (f"# {title}\n\n{meta['timestamp']}; `python -m bench {' '.join(meta['argv'])}`: {len(rows)} rows "
-              f"({tally}) in {meta['wall_s']:.0f} s ({meta['cpu_s']:.0f} CPU s; 1-min load average "
-              f"{meta['load_avg_1min_start']} at the start, {meta['load_avg_1min_end']} at the end)\n")
+    done = (f"{len(rows)} rows ({tally}) in {meta['wall_s']:.0f} s ({meta['cpu_s']:.0f} CPU s; 1-min load "
+            f"average {meta['load_avg_1min_start']} at the start, {meta['load_avg_1min_end']} at the end)")
+    loads = [x for x in (meta["load_avg_1min_start"], meta["load_avg_1min_end"]) if x is not None]
+    if loads and max(loads) > 1.5 * (os.cpu_count() or 1):  # other work shared the cores
+        done += (f"\n\n**Loaded machine** (load average up to {max(loads)} on {os.cpu_count()} cores): "
+                 "times are inflated, multi-threaded baselines (SDPA, eager matmuls) more than single-pass "
+                 "kernels; compare ratios with care.")
+    header = f"# {title}\n\n{meta['timestamp']}; `python -m bench {' '.join(meta['argv'])}`: {done}\n"
     stem.with_suffix(".md").write_text(f"{header}\n## Summary\n\n{summary}\n\n## All measurements\n\n{table}\n")
     write_json(stem.with_suffix(".json"), rows, meta)
     plotted = plot(stem.with_suffix(".png"), rows, title, ceilings, providers)
@@ -125,7 +130,7 @@ def main(argv=None) -> int:
     written += [stem.with_suffix(".png")] if plotted else []
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     print(table)
-    print(f"\n{summary}\n\n{len(rows)} rows ({tally}) in {meta['wall_s']:.0f} s")
+    print(f"\n{summary}\n\n{done}")
     return 1 if counts["failed"] else 0
 
 
