@@ -203,21 +203,27 @@ _COMPILE_CPU = "torch.compile: 15-25 s of compilation per case and mode on CPU; 
 
 
 def _cpu_cases(device: str, full: bool) -> list:
-    # target case: chunk_route B=4, N=8192, H=8, D=64, C=128, fp32
-    compile_away = () if full else (("compile", _COMPILE_CPU),)
-    chunk = [Case(op, 4, n, 8, 64, 128, torch.float32, device, sized_away=compile_away if n < 8192 else ())
-             for op in ("chunk_mean", "chunk_route") for n in (1024, 8192)]
-    # the reference materialises (B, Hq, N, N) scores: 8.6 GB fp32 at N=16384, so N=4096 only
-    # the issue's "H=8" read both ways: MHA (Hkv=8) and GQA 8:2
-    attn = []
-    for op in ATTENTION_OPS:
-        for hkv in (8, 2):
-            for n in (4096, 16384):
-                away = () if op == "route_chunks" or n <= 4096 else _reference_too_big(1, 8, n)
-                if not full and op == "route_chunks" and n < 16384:
-                    away = compile_away
-                if not full and op == "routed_attention":
-                    away = away or (("eager", _REF_CPU_4K), ("compile", _REF_CPU_4K))
-                    away += (("flex", _FLEX_CPU_16K),) if n > 4096 else ()
-                attn.append(Case(op, 1, n, 8, 64, 512, torch.float32, device, hkv=hkv, top_k=4, sized_away=away))
+    """The issue's "H=8" read both ways: MHA (Hkv=8) and GQA 8:2. Target case: chunk_route B=4, N=8192,
+    H=8, D=64, C=128, fp32."""
+    lengths = {"chunk_mean": (1024, 8192), "chunk_route": (1024, 8192),
+               "route_chunks": (4096, 16384), "routed_attention": (4096, 16384)}
+
+    def sized_away(op, n) -> tuple:
+        away = {}
+        if op == "routed_attention" and n > 4096:  # memory: 8.6 GB of scores at 16K, on every run
+            away.update(_reference_too_big(1, 8, n))
+        if not full:  # time: the default run fits 8 minutes
+            if op == "routed_attention":
+                away.setdefault("eager", _REF_CPU_4K)
+                away.setdefault("compile", _REF_CPU_4K)
+                if n > 4096:
+                    away["flex"] = _FLEX_CPU_16K
+            elif n < max(lengths[op]):
+                away["compile"] = _COMPILE_CPU
+        return tuple(away.items())
+
+    chunk = [Case(op, 4, n, 8, 64, 128, torch.float32, device, sized_away=sized_away(op, n))
+             for op in ("chunk_mean", "chunk_route") for n in lengths[op]]
+    attn = [Case(op, 1, n, 8, 64, 512, torch.float32, device, hkv=hkv, top_k=4, sized_away=sized_away(op, n))
+            for op in ATTENTION_OPS for hkv in (8, 2) for n in lengths[op]]
     return chunk + attn
