@@ -16,9 +16,9 @@ from .report import STATUSES, CsvWriter, file_stem, markdown_table, plot, summar
 
 
 # The default CPU run measures in ~5 minutes on an idle 2-core VM; the budget (torch.compile last; no
-# measurement estimated to end past it is started) keeps it under 8 minutes, with ~20 s of start-up and
+# measurement estimated to end past it is started) keeps it under 8 minutes, with ~15 s of start-up and
 # file writing, when other work slows the machine down.
-DEFAULT_CPU_BUDGET_S = 450.0
+DEFAULT_CPU_BUDGET_S = 420.0
 
 
 def _csv_list(choices):

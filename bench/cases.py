@@ -225,5 +225,5 @@ def _cpu_cases(device: str, full: bool) -> list:
     chunk = [Case(op, 4, n, 8, 64, 128, torch.float32, device, sized_away=sized_away(op, n))
              for op in ("chunk_mean", "chunk_route") for n in lengths[op]]
     attn = [Case(op, 1, n, 8, 64, 512, torch.float32, device, hkv=hkv, top_k=4, sized_away=sized_away(op, n))
-            for op in ATTENTION_OPS for hkv in (8, 2) for n in lengths[op]]
+            for op in ATTENTION_OPS for n in lengths[op] for hkv in (8, 2)]  # a time budget cuts the long N
     return chunk + attn

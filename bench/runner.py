@@ -17,6 +17,9 @@ from .timing import expected_calls, prepare, time_step
 
 REPO = Path(__file__).resolve().parent.parent
 NAN = float("nan")
+# A measurement starts only if BUDGET_MARGIN x its estimate fits the budget left: under load the estimate
+# ran short (sdpa 16K bwd: 127 s estimated, 191 s measured at load average 8 on 2 cores).
+BUDGET_MARGIN = 1.25
 
 
 class Progress:
@@ -57,9 +60,11 @@ def _minutes(secs: float) -> str:
 class Eta:
     """Seconds left, from what this run measured so far. A measurement costs about
     expected_calls(step) repetitions of its step plus a fixed part (compilation); the step of an
-    item not yet run is that of the nearest measured item (same provider, op and mode, then fewer
-    of them alike), scaled by its work (bytes or FLOPs); the fixed part carries over as it is, or is
-    the provider's compile_s_guess when the match is another provider's."""
+    item not yet run is that of the most alike measured item, scaled by its work (bytes or FLOPs):
+    the same shape in another mode first (exact up to the mode's work factor), then the same mode at
+    another N (our work, not a dense baseline's: SDPA's cost grows N^2 where routed FLOPs grow N),
+    then less alike; the fixed part carries over, or is the provider's compile_s_guess when the
+    match is another provider's."""
 
     def __init__(self):
         self.done = []  # (case, provider, mode, step_s, fixed_s, wall_s)
@@ -71,18 +76,29 @@ class Eta:
 
     def item_s(self, case, name, mode):
         timed = [d for d in self.done if d[3] == d[3]]
-        for alike in (lambda d: (d[1], d[0].op, d[2], d[0].family) == (name, case.op, mode, case.family),
-                      lambda d: (d[1], d[0].op, d[2]) == (name, case.op, mode),
-                      lambda d: (d[1], d[0].op) == (name, case.op),
-                      lambda d: d[0].op == case.op):
-            near = [d for d in timed if alike(d)]
+        d = self._nearest(timed, case, mode, (
+            lambda d: (d[1], d[0]) == (name, case),
+            lambda d: (d[1], d[0].op, d[2], d[0].family) == (name, case.op, mode, case.family),
+            lambda d: (d[1], d[0].op, d[2]) == (name, case.op, mode),
+            lambda d: (d[1], d[0].op) == (name, case.op),
+            lambda d: d[0].op == case.op))
+        if d is None:
+            walls = [d[5] for d in self.done]
+            return sum(walls) / len(walls) if walls else None
+        step = d[3] * case.work(mode) / d[0].work(d[2])
+        # compilation depends on the mode (fwd+bwd reuses the graph bwd compiled): same mode if measured
+        same_mode = self._nearest(timed, case, mode, (lambda d: (d[1], d[2]) == (name, mode),))
+        fixed = (same_mode or d)[4] if (same_mode or d)[1] == name else PROVIDERS[name].compile_s_guess
+        return fixed + expected_calls(mode, step, case.device) * step
+
+    @staticmethod
+    def _nearest(done, case, mode, rules):
+        """The measured item of the first rule that matches any, nearest in work; None if none does."""
+        for alike in rules:
+            near = [d for d in done if alike(d)]
             if near:
-                d = min(near, key=lambda d: abs(math.log(case.work(mode) / d[0].work(d[2]))))
-                step = d[3] * case.work(mode) / d[0].work(d[2])
-                fixed = d[4] if d[1] == name else PROVIDERS[name].compile_s_guess
-                return fixed + expected_calls(mode, step, case.device) * step
-        walls = [d[5] for d in self.done]
-        return sum(walls) / len(walls) if walls else None
+                return min(near, key=lambda d: abs(math.log(case.work(mode) / d[0].work(d[2]))))
+        return None
 
     def left_s(self, todo, budget_left_s=math.inf):
         """todo: (case, provider, mode) not yet measured, the next one first; None until something was
@@ -217,7 +233,7 @@ def run(cases, providers, modes, *, quick=False, budget_s=math.inf, on_row=None,
                 t0 = time.perf_counter()
                 status = build_err
                 est = eta.item_s(case, name, mode) if math.isfinite(budget_s) else None
-                if not status and est is not None and t0 - t_start + est > budget_s:
+                if not status and est is not None and t0 - t_start + BUDGET_MARGIN * est > budget_s:
                     status = "skipped", f"time budget: estimated {est:.0f} s would end past {budget_s:.0f} s"
                 row = _measure(case, name, mode, fn, inputs_of[case], quick, status, budget_s, t_start)
                 row["wall_s"] = round(time.perf_counter() - t0 + t_build, 2)
