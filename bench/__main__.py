@@ -15,7 +15,7 @@ from .providers import PROVIDERS, default_providers
 from .report import STATUSES, CsvWriter, file_stem, markdown_table, plot, summary_table, write_json
 
 
-# The default CPU run measures in ~5 minutes on an idle 2-core VM; the budget (torch.compile last; no
+# The default CPU run measures in ~6 minutes on an idle 2-core VM; the budget (torch.compile last; no
 # measurement estimated to end past it is started) keeps it under 8 minutes, with ~15 s of start-up and
 # file writing, when other work slows the machine down.
 DEFAULT_CPU_BUDGET_S = 420.0
@@ -122,7 +122,8 @@ def main(argv=None) -> int:
         done += (f"\n\n**Loaded machine** (load average up to {max(loads)} on {os.cpu_count()} cores): "
                  "times are inflated, multi-threaded baselines (SDPA, eager matmuls) more than single-pass "
                  "kernels; compare ratios with care.")
-    header = f"# {title}\n\n{meta['timestamp']}; `python -m bench {' '.join(meta['argv'])}`: {done}\n"
+    command = " ".join(["python -m bench"] + meta["argv"])
+    header = f"# {title}\n\n{meta['timestamp']}; `{command}`: {done}\n"
     stem.with_suffix(".md").write_text(f"{header}\n## Summary\n\n{summary}\n\n## All measurements\n\n{table}\n")
     write_json(stem.with_suffix(".json"), rows, meta)
     plotted = plot(stem.with_suffix(".png"), rows, title, ceilings, providers)

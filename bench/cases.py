@@ -193,6 +193,7 @@ def default_cases(device: str, quick: bool = False, full: bool = False) -> list:
 # chunk (16.3 of 16.5 causal blocks per row at 16K): flex does dense causal work plus a per-element mask_mod,
 # 1.4 s per call at 4K and ~28 s at 16K (dense SDPA: 0.12 s / 1.9 s), plus ~35 s of compilation per case.
 _FLEX_CPU_16K = "FlexAttention on CPU: ~28 s per call at N=16384 (per-token routing makes its block mask dense); --full runs it"
+_FLEX_CPU_MHA = "FlexAttention on CPU: ~20 s of compilation + 1.4-3 s per call per case; the default runs the GQA case; --full runs it"
 # The eager reference of routed_attention at 4K costs 3.5 s (fwd) to 8 s (fwd+bwd) per call here: 6 of the
 # default run's 8 minutes for one column that dense SDPA beats 30x. --full measures it.
 _REF_CPU_4K = "eager reference of routed_attention: 3.5-8 s per call at N=4096 on CPU; --full runs it"
@@ -208,7 +209,7 @@ def _cpu_cases(device: str, full: bool) -> list:
     lengths = {"chunk_mean": (1024, 8192), "chunk_route": (1024, 8192),
                "route_chunks": (4096, 16384), "routed_attention": (4096, 16384)}
 
-    def sized_away(op, n) -> tuple:
+    def sized_away(op, n, hkv=None) -> tuple:
         away = {}
         if op == "routed_attention" and n > 4096:  # memory: 8.6 GB of scores at 16K, on every run
             away.update(_reference_too_big(1, 8, n))
@@ -218,12 +219,14 @@ def _cpu_cases(device: str, full: bool) -> list:
                 away.setdefault("compile", _REF_CPU_4K)
                 if n > 4096:
                     away["flex"] = _FLEX_CPU_16K
+                elif hkv == 8:
+                    away["flex"] = _FLEX_CPU_MHA
             elif n < max(lengths[op]):
                 away["compile"] = _COMPILE_CPU
         return tuple(away.items())
 
     chunk = [Case(op, 4, n, 8, 64, 128, torch.float32, device, sized_away=sized_away(op, n))
              for op in ("chunk_mean", "chunk_route") for n in lengths[op]]
-    attn = [Case(op, 1, n, 8, 64, 512, torch.float32, device, hkv=hkv, top_k=4, sized_away=sized_away(op, n))
+    attn = [Case(op, 1, n, 8, 64, 512, torch.float32, device, hkv=hkv, top_k=4, sized_away=sized_away(op, n, hkv))
             for op in ATTENTION_OPS for n in lengths[op] for hkv in (8, 2)]  # a time budget cuts the long N
     return chunk + attn

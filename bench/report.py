@@ -69,11 +69,14 @@ def status_notes(rows: list) -> list:
     for r in rows:
         if r["status"] != "ok":
             what = groups.setdefault((r["status"], r["provider"], r["note"]), {})
-            what.setdefault(r["op"], set()).add(r["mode"])
+            modes, lengths = what.setdefault(r["op"], (set(), set()))
+            modes.add(r["mode"])
+            lengths.add(r["N"])
     lines = []
     for (status, provider, note), ops in groups.items():
-        covers = "; ".join(f"{op} {','.join(m for m in ('fwd', 'bwd', 'fwd+bwd') if m in modes)}"
-                           for op, modes in ops.items())
+        covers = "; ".join(f"{op} {','.join(m for m in ('fwd', 'bwd', 'fwd+bwd') if m in modes)} "
+                           f"N={','.join(str(n) for n in sorted(lengths))}"
+                           for op, (modes, lengths) in ops.items())
         lines.append(f"{status.upper() if status == 'failed' else status}: {provider} ({covers}): {note}")
     return lines
 
@@ -82,6 +85,7 @@ def markdown_table(rows: list, providers: list, ceilings: dict | None = None) ->
     """One line per (op, mode, shape), one column per provider: 'ms, throughput'; then why any
     cell holds no time."""
     cells = _by_case(rows)
+    providers = [p for p in providers if any(r["provider"] == p for r in rows)]  # no empty columns
     head = ["op", "mode", "shape", "dtype"] + providers
     if ceilings:
         head.append("ours/ceiling")

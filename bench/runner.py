@@ -234,8 +234,9 @@ def run(cases, providers, modes, *, quick=False, budget_s=math.inf, on_row=None,
                 status = build_err
                 est = eta.item_s(case, name, mode) if math.isfinite(budget_s) else None
                 if not status and est is not None and t0 - t_start + BUDGET_MARGIN * est > budget_s:
-                    status = "skipped", f"time budget: estimated {est:.0f} s would end past {budget_s:.0f} s"
+                    status = "skipped", f"time budget: its estimate would end past {budget_s:.0f} s"
                 row = _measure(case, name, mode, fn, inputs_of[case], quick, status, budget_s, t_start)
+                row["estimate_s"] = None if est is None else round(est, 1)
                 row["wall_s"] = round(time.perf_counter() - t0 + t_build, 2)
                 t_build = 0.0
                 todo.remove((case, name, mode))

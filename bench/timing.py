@@ -75,7 +75,7 @@ def prepare(fn, inputs, case, mode, warmup: int = 1, memory: bool = True, seed: 
     return Prepared(step, once, leaves, warmup_s, peak)
 
 
-CPU_MIN_REPS, CPU_MAX_REPS, CPU_REP_S = 3, 20, 2.0  # repetitions: at least 3, up to 20 or 2 s
+CPU_MIN_REPS, CPU_MAX_REPS, CPU_REP_S = 3, 20, 1.0  # repetitions: at least 3, up to 20 or 1 s
 
 
 def expected_calls(mode: str, step_s: float, device: str) -> float:

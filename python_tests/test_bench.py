@@ -75,7 +75,7 @@ def test_quick_bench_every_provider_runs(tmp_path, device):
     md = next(tmp_path.glob("*.md")).read_text()
     assert "## Summary" in md and "| chunk_route | fwd+bwd |" in md
     if device == "cpu":
-        assert "n/a: flex (routed_attention bwd,fwd+bwd): FlexAttention has no CPU backward" in md
+        assert "n/a: flex (routed_attention bwd,fwd+bwd N=256): FlexAttention has no CPU backward" in md
 
     try:
         import matplotlib  # noqa: F401
@@ -105,7 +105,7 @@ def test_a_broken_provider_is_recorded_and_fails_the_check(tmp_path, monkeypatch
     rows = read_csv(next(tmp_path.glob("*.csv")))
     ours = [r for r in rows if r["provider"] == "ours"]
     assert len(ours) == 3 and all(r["status"] == "failed" and "planted failure" in r["note"] for r in ours)
-    assert "FAILED: ours (chunk_mean fwd,bwd,fwd+bwd): RuntimeError: planted failure" in \
+    assert "FAILED: ours (chunk_mean fwd,bwd,fwd+bwd N=256): RuntimeError: planted failure" in \
         next(tmp_path.glob("*.md")).read_text()
     with pytest.raises(AssertionError, match="failed"):
         check_rows(rows, "cpu", providers=("eager", "ours"), ops=("chunk_mean",))
