@@ -41,7 +41,9 @@ class Case:
     device: str
     hkv: Optional[int] = None  # k/v heads (attention ops)
     top_k: Optional[int] = None
-    ref_ok: bool = True  # False: the eager reference is too big to run (O(N^2) memory)
+    # providers this case is sized away from, with the reason: ((provider, reason), ...). Such pairs get a
+    # row with status "n/a" and the reason, never a silent gap (e.g. the O(N^2) eager reference at 16K)
+    sized_away: tuple = ()
 
     # ---- description -------------------------------------------------------------------------
     @property
@@ -50,6 +52,11 @@ class Case:
             return (f"B={self.B} N={self.N} Hq={self.H} Hkv={self.hkv} D={self.D} "
                     f"C={self.chunk} k={self.top_k}")
         return f"B={self.B} N={self.N} H={self.H} D={self.D} C={self.chunk}"
+
+    @property
+    def family(self) -> str:
+        """The shape without N and B: the points of one line in a plot (B shrinks with N on the GPU)."""
+        return " ".join(t for t in self.shape.split() if not t.startswith(("N=", "B=")))
 
     @property
     def dtype_name(self) -> str:
@@ -130,6 +137,10 @@ class Case:
         fwd = 4.0 * self.D * self.allowed_pairs() * self.B * self.H
         return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
 
+    def work(self, mode: str) -> float:
+        """What throughput divides by: FLOPs (routed_attention) or bytes."""
+        return self.flops(mode) if self.op == "routed_attention" else self.bytes_moved(mode)
+
     @property
     def throughput_unit(self) -> str:
         return "TFLOP/s" if self.op == "routed_attention" else "GB/s"
@@ -137,13 +148,22 @@ class Case:
     def throughput(self, mode: str, ms: float) -> float:
         if not (ms > 0) or math.isinf(ms):
             return float("nan")
-        if self.op == "routed_attention":
-            return self.flops(mode) / (ms * 1e-3) / 1e12
-        return self.bytes_moved(mode) / (ms * 1e-3) / 1e9
+        return self.work(mode) / (ms * 1e-3) / (1e12 if self.op == "routed_attention" else 1e9)
 
 
-def default_cases(device: str, quick: bool = False) -> list:
-    """The benchmark matrix for a device ("cpu" or "cuda")."""
+def _scores_gb(b, hq, n) -> float:
+    """GB of one (B, Hq, N, N) fp32 score tensor, which the eager reference materialises."""
+    return b * hq * n * n * 4 / 1e9
+
+
+def _reference_too_big(b, hq, n) -> tuple:
+    reason = f"eager reference materialises (B, Hq, N, N) fp32 scores: {_scores_gb(b, hq, n):.1f} GB"
+    return (("eager", reason), ("compile", reason))
+
+
+def default_cases(device: str, quick: bool = False, full: bool = False) -> list:
+    """The benchmark matrix for a device ("cpu" or "cuda"). CPU: the default fits 8 minutes on a 2-core
+    VM; full=True is the long matrix (~20 minutes there). GPU: one matrix (gpu_check.sh budgets it)."""
     cuda = device.startswith("cuda")
     if quick:  # seconds-long smoke run
         dt = torch.bfloat16 if cuda else torch.float32
@@ -151,15 +171,7 @@ def default_cases(device: str, quick: bool = False) -> list:
         attn = [Case(op, 1, 256, 4, 16, 64, dt, device, hkv=2, top_k=2) for op in ATTENTION_OPS]
         return chunk + attn
     if not cuda:
-        # target case: chunk_route B=4, N=8192, H=8, D=64, C=128, fp32
-        chunk = [Case(op, 4, n, 8, 64, 128, torch.float32, device)
-                 for op in ("chunk_mean", "chunk_route") for n in (1024, 8192)]
-        # the reference materialises (B, Hq, N, N) scores: 8.6 GB fp32 at N=16384, so N=4096 only
-        # the issue's "H=8" read both ways: MHA (Hkv=8) and GQA 8:2
-        attn = [Case(op, 1, n, 8, 64, 512, torch.float32, device, hkv=hkv, top_k=4,
-                     ref_ok=(op == "route_chunks" or n <= 4096))
-                for op in ATTENTION_OPS for hkv in (8, 2) for n in (4096, 16384)]
-        return chunk + attn
+        return _cpu_cases(device, full)
     chunk = []
     for op in ("chunk_mean", "chunk_route"):
         for n in (1024, 4096, 16384, 65536, 131072):
@@ -167,10 +179,54 @@ def default_cases(device: str, quick: bool = False) -> list:
             chunk.append(Case(op, b, n, 16, 128, 128, torch.bfloat16, device))
     # eager attention scores at N=16K: 32 * 16K^2 fp32 = 34 GB per tensor; none beyond that
     attn = [Case(op, 1, n, 32, 128, 1024, torch.bfloat16, device, hkv=8, top_k=8,
-                 ref_ok=(op == "route_chunks" or n <= 16384))
+                 sized_away=() if op == "route_chunks" or n <= 16384 else _reference_too_big(1, 32, n))
             for op in ATTENTION_OPS for n in (4096, 8192, 16384, 65536, 131072, 262144)]
     # the other chunk sizes and top_k of the issue, at one length
     attn += [Case("routed_attention", 1, 32768, 32, 128, chunk, torch.bfloat16, device, hkv=8, top_k=top_k,
-                  ref_ok=False)
+                  sized_away=_reference_too_big(1, 32, 32768))
              for chunk in (512, 1024, 2048) for top_k in (4, 8) if (chunk, top_k) != (1024, 8)]
+    return chunk + attn
+
+
+# FlexAttention on CPU, measured on the 2-core VM (torch 2.14.1, B=1 Hq=8 D=64 C=512 top_k=4): the routed
+# selection is per token, so the union of the chunks picked by a 512-query block covers nearly every earlier
+# chunk (16.3 of 16.5 causal blocks per row at 16K): flex does dense causal work plus a per-element mask_mod,
+# 1.4 s per call at 4K and ~28 s at 16K (dense SDPA: 0.12 s / 1.9 s), plus ~35 s of compilation per case.
+_FLEX_CPU_16K = "FlexAttention on CPU: ~28 s per call at N=16384 (per-token routing makes its block mask dense); --full runs it"
+_FLEX_CPU_MHA = "FlexAttention on CPU: ~20 s of compilation + 1.4-3 s per call per case; the default runs the GQA case; --full runs it"
+# The eager reference of routed_attention at 4K costs 3.5 s (fwd) to 8 s (fwd+bwd) per call here: 6 of the
+# default run's 8 minutes for one column that dense SDPA beats 30x. --full measures it.
+_REF_CPU_4K = "eager reference of routed_attention: 3.5-8 s per call at N=4096 on CPU; --full runs it"
+
+
+# torch.compile on 2 cores: 15-25 s of compilation per case and mode (fwd, then bwd; fwd+bwd reuses bwd's).
+_COMPILE_CPU = "torch.compile: 15-25 s of compilation per case and mode on CPU; the default compiles the largest N only; --full runs it"
+
+
+def _cpu_cases(device: str, full: bool) -> list:
+    """The issue's "H=8" read both ways: MHA (Hkv=8) and GQA 8:2. Target case: chunk_route B=4, N=8192,
+    H=8, D=64, C=128, fp32."""
+    lengths = {"chunk_mean": (1024, 8192), "chunk_route": (1024, 8192),
+               "route_chunks": (4096, 16384), "routed_attention": (4096, 16384)}
+
+    def sized_away(op, n, hkv=None) -> tuple:
+        away = {}
+        if op == "routed_attention" and n > 4096:  # memory: 8.6 GB of scores at 16K, on every run
+            away.update(_reference_too_big(1, 8, n))
+        if not full:  # time: the default run fits 8 minutes
+            if op == "routed_attention":
+                away.setdefault("eager", _REF_CPU_4K)
+                away.setdefault("compile", _REF_CPU_4K)
+                if n > 4096:
+                    away["flex"] = _FLEX_CPU_16K
+                elif hkv == 8:
+                    away["flex"] = _FLEX_CPU_MHA
+            elif n < max(lengths[op]):
+                away["compile"] = _COMPILE_CPU
+        return tuple(away.items())
+
+    chunk = [Case(op, 4, n, 8, 64, 128, torch.float32, device, sized_away=sized_away(op, n))
+             for op in ("chunk_mean", "chunk_route") for n in lengths[op]]
+    attn = [Case(op, 1, n, 8, 64, 512, torch.float32, device, hkv=hkv, top_k=4, sized_away=sized_away(op, n, hkv))
+            for op in ATTENTION_OPS for n in lengths[op] for hkv in (8, 2)]  # a time budget cuts the long N
     return chunk + attn

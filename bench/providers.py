@@ -2,6 +2,9 @@
 
 Baselines come from the package's own eager references, never re-implemented here.
 Adding a provider is one function and one line in PROVIDERS (see _sdpa).
+A provider that does not apply to an op (SDPA for chunk_mean) gives no row; one that applies but cannot
+run a (case, mode) for a known reason (no CPU backward, sized away) gives a row with status "n/a" and
+the reason (see not_applicable); anything else that goes wrong is a "failed" row.
 """
 from __future__ import annotations
 
@@ -16,6 +19,16 @@ import torch
 class Provider:
     build: Callable  # (case) -> callable(*inputs) -> outputs
     applies: Callable = lambda case: True  # False: no row at all (by design, not a failure)
+    not_applicable: Callable = lambda case, mode: None  # a reason: an "n/a" row instead of a measurement
+    ours: bool = False  # one of our kernels: never the "best other provider" of the summary
+    # seconds of compilation per case and mode, a guess for the time-left estimate until one is measured
+    compile_s_guess: float = 0.0
+
+
+def not_applicable(name: str, case, mode: str):
+    """Why provider `name` is not measured on (case, mode), or None when it should run. What the provider
+    cannot do (no CPU backward) comes before what the case sizes away (time, memory)."""
+    return PROVIDERS[name].not_applicable(case, mode) or dict(case.sized_away).get(name)
 
 
 def _reference(op: str) -> Callable:
@@ -67,10 +80,6 @@ def _triton_one_head_per_tile(case):
     return run
 
 
-def _reference_fits(case) -> bool:
-    return case.ref_ok
-
-
 def _is_attention(case) -> bool:
     return case.op == "routed_attention"
 
@@ -91,7 +100,14 @@ def _sdpa(case):
 
 def _flex(case):
     """FlexAttention over a block mask built from our route_chunks indices, timing the selection and the
-    mask construction too (a user rebuilds both per layer)."""
+    mask construction too (a user rebuilds both per layer). Compiled, on every device: the eager
+    flex_attention materialises the dense scores.
+
+    The mask is built compiled too. Eagerly, create_block_mask evaluates mask_mod over the whole
+    (B, Hq, N, N) grid with int64 index temporaries, ~9 bytes per (head, query, key): RSS grew 0.3 / 1.3 /
+    5.0 GB at N = 2K / 4K / 8K (B=1, Hq=8, 2-core VM), so ~20 GB at 16K, past the CPU address-space cap
+    (85% of free memory): that was the "OOM" of every flex row at 16K. Compiled, it streams over the grid
+    (the whole process peaked at 0.9 GB at 16K) and takes 1.6 s at 4K instead of 3-4.6 s."""
     import routing_kernels
     from routing_kernels.ops.routed_attention.flex import flex_routed_attention, routed_block_mask
     from torch.nn.attention.flex_attention import flex_attention
@@ -102,22 +118,30 @@ def _flex(case):
     def run(q, k, v):
         with torch.no_grad():
             idx = routing_kernels.route_chunks(q, k, kwargs["chunk_size"], kwargs["top_k"], causal=kwargs["causal"])
-            mask = routed_block_mask(idx, kwargs["chunk_size"], kwargs["causal"], compile_mask=q.is_cuda)
+            mask = routed_block_mask(idx, kwargs["chunk_size"], kwargs["causal"], compile_mask=True)
+        if not q.is_cuda:  # CPU flex refuses inputs that require grad, even under no_grad (fwd only here)
+            q, k, v = q.detach(), k.detach(), v.detach()
         return flex_routed_attention(q, k, v, mask, attention=attention)
     return run
 
 
+def _flex_na(case, mode):
+    if mode != "fwd" and not case.device.startswith("cuda"):
+        return f"FlexAttention has no CPU backward (torch {torch.__version__})"
+    return None
+
+
 PROVIDERS = {
-    "eager": Provider(_eager, _reference_fits),
-    "compile": Provider(_compiled, _reference_fits),
-    "ours": Provider(_public(None)),
+    "eager": Provider(_eager),
+    "compile": Provider(_compiled, compile_s_guess=20.0),
+    "ours": Provider(_public(None), ours=True),
     "sdpa": Provider(_sdpa, _is_attention),
-    "flex": Provider(_flex, _is_attention),
+    "flex": Provider(_flex, _is_attention, _flex_na, compile_s_guess=30.0),
     # explicit backends, not in the default set: compare kernels of the same op side by side
-    "triton": Provider(_public("triton")),
-    "cuda": Provider(_public("cuda")),
-    "cpu": Provider(_public("cpu")),
-    "triton-pack1": Provider(_triton_one_head_per_tile, _is_gqa_on_gpu),
+    "triton": Provider(_public("triton"), ours=True),
+    "cuda": Provider(_public("cuda"), ours=True),
+    "cpu": Provider(_public("cpu"), ours=True),
+    "triton-pack1": Provider(_triton_one_head_per_tile, _is_gqa_on_gpu, ours=True),
 }
 
 

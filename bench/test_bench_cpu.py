@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench.cases import default_cases
-from bench.providers import PROVIDERS, default_providers
+from bench.providers import PROVIDERS, default_providers, not_applicable
 from bench.timing import prepare
 
 
@@ -27,7 +27,7 @@ def pytest_generate_tests(metafunc):
     items = [(case, name, mode)
              for case in default_cases("cpu", quick)
              for name in default_providers("cpu", quick) if PROVIDERS[name].applies(case)
-             for mode in case.modes]
+             for mode in case.modes if not not_applicable(name, case, mode)]
     ids = [f"{c.op}-{m}-{p}-N{c.N}" for c, p, m in items]
     metafunc.parametrize("item", items, ids=ids)
 

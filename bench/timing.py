@@ -31,9 +31,11 @@ def _zero(leaves):
         t.grad = None
 
 
-def prepare(fn, inputs, case, mode, warmup: int = 2, memory: bool = True, seed: int = 1):
+def prepare(fn, inputs, case, mode, warmup: int = 1, memory: bool = True, seed: int = 1):
     """Warm fn up for `mode` (compiling it if needed), measure its peak memory once (before
-    the bwd step keeps a graph alive) and return the step to time."""
+    the bwd step keeps a graph alive) and return the step to time. The memory pass is a full run
+    too, so with memory=True the step has run warmup + 1 times before it is timed. The first
+    warm-up of the backward modes is also the call that gives the output shapes for the grads."""
     pick = case.pick_outputs
     leaves = [t for t in inputs if t.requires_grad] if mode != "fwd" else []
     t0 = time.perf_counter()
@@ -41,6 +43,8 @@ def prepare(fn, inputs, case, mode, warmup: int = 2, memory: bool = True, seed: 
         def once():
             with torch.no_grad():
                 fn(*inputs)
+        for _ in range(warmup):
+            once()
         grads = None
     else:
         outs = [o for o in pick(fn(*inputs)) if o.requires_grad]
@@ -48,14 +52,15 @@ def prepare(fn, inputs, case, mode, warmup: int = 2, memory: bool = True, seed: 
             raise RuntimeError("no output requires grad")
         gen = torch.Generator(device=outs[0].device).manual_seed(seed)
         grads = [torch.randn(o.shape, generator=gen, device=o.device).to(o.dtype) for o in outs]
+        torch.autograd.backward(outs, grads)  # warm-up 1
         del outs
 
         def once():
             outs = [o for o in pick(fn(*inputs)) if o.requires_grad]
             torch.autograd.backward(outs, grads)
-    for _ in range(warmup):
-        _zero(leaves)
-        once()
+        for _ in range(warmup - 1):
+            _zero(leaves)
+            once()
     _sync(case.device)
     warmup_s = time.perf_counter() - t0
     peak = peak_memory_mb(once, leaves, inputs, case.device) if memory else float("nan")
@@ -68,6 +73,21 @@ def prepare(fn, inputs, case, mode, warmup: int = 2, memory: bool = True, seed: 
     else:
         step = once
     return Prepared(step, once, leaves, warmup_s, peak)
+
+
+CPU_MIN_REPS, CPU_MAX_REPS, CPU_REP_S = 3, 20, 1.0  # repetitions: at least 3, up to 20 or 1 s
+
+
+def expected_calls(mode: str, step_s: float, device: str) -> float:
+    """About how many times prepare() + time_step() run the step of `mode`, whose repetition takes
+    step_s seconds: warm-up, the memory pass, (bwd: one more forward), the timed repetitions. For the
+    progress bar's estimate of the time left, not for anything measured."""
+    step_s = max(step_s, 1e-6)
+    if str(device).startswith("cuda"):
+        reps = 0.125 / step_s + 2  # do_bench: 25 ms warm-up + 100 ms of repetitions, + its estimate
+    else:
+        reps = min(CPU_MAX_REPS, max(CPU_MIN_REPS, CPU_REP_S / step_s))
+    return reps + (3 if mode == "bwd" else 2)
 
 
 def _sync(device):
@@ -85,7 +105,7 @@ def time_step(prep: Prepared, device: str, quick: bool) -> tuple:
                       quantiles=[0.5, 0.2, 0.8])
         return tuple(float(v) for v in ms)
     # CPU: wall clock per repetition after warm-up (prepare() already warmed up)
-    reps, min_reps, max_s = (2, 2, 0.0) if quick else (20, 3, 2.0)
+    reps, min_reps, max_s = (2, 2, 0.0) if quick else (CPU_MAX_REPS, CPU_MIN_REPS, CPU_REP_S)
     times, deadline = [], time.perf_counter() + max_s
     while len(times) < reps and (len(times) < min_reps or time.perf_counter() < deadline):
         _zero(prep.leaves)

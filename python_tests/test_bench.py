@@ -1,5 +1,7 @@
-"""Smoke test of the benchmark harness: `python -m bench --quick` end to end on this machine."""
+"""The benchmark harness end to end: `python -m bench --quick` with every provider that should run on the
+device; each must give finite positive timings, the not-applicable ones must say why, and nothing may fail."""
 import csv
+import dataclasses
 import json
 import math
 import subprocess
@@ -10,35 +12,71 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 COLUMNS = ["op", "provider", "mode", "shape", "dtype", "device", "ms_median", "ms_p20", "ms_p80",
-           "throughput", "throughput_unit", "peak_mem_mb", "torch", "triton", "commit",
+           "throughput", "throughput_unit", "peak_mem_mb", "status", "note", "torch", "triton", "commit",
            "timestamp"]
+OPS = ("chunk_mean", "chunk_route", "route_chunks", "routed_attention")
+MODES = ("fwd", "bwd", "fwd+bwd")
+PROVIDERS = ("eager", "compile", "ours", "sdpa", "flex")  # all of them should run on CPU and GPU
 
 
-def test_quick_bench_writes_csv_and_plot(tmp_path):
-    pytest.importorskip("routing_kernels")
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def expected_status(op: str, provider: str, mode: str, device: str):
+    """What a quick run must record for (op, provider, mode): 'ok', 'n/a', or None (no row at all)."""
+    if op == "route_chunks" and mode != "fwd":
+        return None  # integer outputs: no backward
+    if provider in ("sdpa", "flex") and op != "routed_attention":
+        return None  # attention baselines only
+    if provider == "flex" and device == "cpu" and mode != "fwd":
+        return "n/a"  # FlexAttention has no CPU backward
+    return "ok"
 
-    csvs = list(tmp_path.glob("*.csv"))
-    assert len(csvs) == 1, list(tmp_path.iterdir())
-    with open(csvs[0], newline="") as f:
+
+def read_csv(path: Path) -> list:
+    with open(path, newline="") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == COLUMNS
-        rows = list(reader)
-    assert rows
+        return list(reader)
 
-    providers = {r["provider"] for r in rows}
-    assert {"eager", "ours"} <= providers
-    for provider in providers:  # every mode measured (or recorded as failed) for each provider
-        assert {r["mode"] for r in rows if r["provider"] == provider} == {"fwd", "bwd", "fwd+bwd"}
+
+def check_rows(rows: list, device: str, providers=PROVIDERS, ops=OPS):
+    """Every expected (op, provider, mode) has exactly one row with the expected status; 'ok' rows have
+    finite positive times and throughput; 'n/a' rows give a reason; nothing failed or was skipped."""
+    got = {}
     for r in rows:
-        assert r["throughput_unit"] == ("TFLOP/s" if r["op"] == "routed_attention" else "GB/s")
-        if r["provider"] == "eager":
+        key = (r["op"], r["provider"], r["mode"])
+        assert key not in got, f"two rows for {key}"
+        got[key] = r
+    want = {(op, p, m): s for op in ops for p in providers for m in MODES
+            if (s := expected_status(op, p, m, device))}
+    assert set(got) == set(want), f"missing {set(want) - set(got)}, unexpected {set(got) - set(want)}"
+    for key, r in got.items():
+        assert r["status"] == want[key], f"{key}: {r['status']} ({r['note']}), expected {want[key]}"
+        assert r["throughput_unit"] == ("TFLOP/s" if r["op"] == "routed_attention" else "GB/s"), r
+        if r["status"] == "ok":
             ms = float(r["ms_median"])
             assert math.isfinite(ms) and ms > 0, r
             assert float(r["ms_p20"]) <= ms <= float(r["ms_p80"]), r
-            assert float(r["throughput"]) > 0, r
+            assert math.isfinite(float(r["throughput"])) and float(r["throughput"]) > 0, r
+        else:
+            assert r["note"] and r["ms_median"] == "nan", r
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_quick_bench_every_provider_runs(tmp_path, device):
+    pytest.importorskip("routing_kernels")
+    # compile and flex compile every case: ~80 s of the ~90 s this takes on 2 cores
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--device", device,
+                           "--providers", ",".join(PROVIDERS), "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    csvs = list(tmp_path.glob("*.csv"))
+    assert len(csvs) == 1, list(tmp_path.iterdir())
+    check_rows(read_csv(csvs[0]), device)
+    assert "ours vs the fastest other provider" in proc.stdout
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert "## Summary" in md and "| chunk_route | fwd+bwd |" in md
+    if device == "cpu":
+        assert "n/a: flex (routed_attention bwd,fwd+bwd N=256): FlexAttention has no CPU backward" in md
 
     # the GPU kernel resources section (bench/resources.py): here the CUDA C++ kernels of the extension, if built
     meta = json.loads(next(tmp_path.glob("*.json")).read_text())["meta"]
@@ -51,3 +89,29 @@ def test_quick_bench_writes_csv_and_plot(tmp_path):
         return
     pngs = list(tmp_path.glob("*.png"))
     assert len(pngs) == 1 and pngs[0].stat().st_size > 0
+
+
+def test_a_broken_provider_is_recorded_and_fails_the_check(tmp_path, monkeypatch):
+    """A planted failure in 'ours' becomes 'failed' rows with the error (not NaN rows that pass), the CLI
+    exits 1, and check_rows rejects the run."""
+    pytest.importorskip("routing_kernels")
+    from bench import __main__ as cli
+    from bench import providers, timing
+
+    def broken(case):
+        def run(*inputs):
+            raise RuntimeError("planted failure")
+        return run
+
+    monkeypatch.setattr(timing, "guard_cpu_memory", lambda: "not capped")  # would cap this pytest process
+    monkeypatch.setitem(providers.PROVIDERS, "ours", dataclasses.replace(providers.PROVIDERS["ours"], build=broken))
+    rc = cli.main(["--quick", "--device", "cpu", "--ops", "chunk_mean", "--providers", "eager,ours",
+                   "--out", str(tmp_path)])
+    assert rc == 1
+    rows = read_csv(next(tmp_path.glob("*.csv")))
+    ours = [r for r in rows if r["provider"] == "ours"]
+    assert len(ours) == 3 and all(r["status"] == "failed" and "planted failure" in r["note"] for r in ours)
+    assert "FAILED: ours (chunk_mean fwd,bwd,fwd+bwd N=256): RuntimeError: planted failure" in \
+        next(tmp_path.glob("*.md")).read_text()
+    with pytest.raises(AssertionError, match="failed"):
+        check_rows(rows, "cpu", providers=("eager", "ours"), ops=("chunk_mean",))
