@@ -153,3 +153,27 @@ def test_routing_and_attention_launchers_do_not_sync(layout, causal, recorder):
         ra_triton.routed_attention_bwd_triton(torch.randn_like(o), torch.randn_like(lse), q, k, v, o, lse, 4, 2,
                                               causal, cu, ms)
     assert recorder.events == []
+
+
+# queries shorter than keys (chunked prefill): dense Nq < Nk, and packed q with the keys' own cu_seqlens_k
+PREFILL = {"dense": ((2, 5), (2, 19), None), "varlen": ((10,), (22,), ([0, 3, 3, 10], [0, 13, 13, 22]))}
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("layout", list(PREFILL))
+def test_prefill_launchers_do_not_sync(layout, causal, recorder):
+    q_shape, k_shape, offsets = PREFILL[layout]
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(*q_shape, 4, 16, generator=g).to(DEVICE)
+    k = torch.randn(*k_shape, 2, 16, generator=g).to(DEVICE)
+    v = torch.randn(*k_shape, 2, 16, generator=g).to(DEVICE)
+    args, keys = (None, None), {}
+    if offsets is not None:
+        cu, cu_k = (torch.tensor(x, dtype=torch.int32, device=DEVICE) for x in offsets)
+        args, keys = (cu, 7), dict(cu_seqlens_k=cu_k, max_seqlen_k=13)
+    with recorder:
+        rc_triton.route_chunks_triton(q, k, 4, 2, causal, *args, **keys)
+        ra_triton.routed_attention_fwd_triton(q, k, v, 4, 2, causal, *args, None, **keys)
+        if offsets is not None:  # max_seqlen_k omitted: an upper bound from shapes, still no sync
+            ra_triton.routed_attention_fwd_triton(q, k, v, 4, 2, causal, *args, None, cu_seqlens_k=keys["cu_seqlens_k"])
+    assert recorder.events == []

@@ -49,6 +49,8 @@ EXPECTED_KERNELS = EXPECTED_KERNELS | DECODE_KERNELS
 
 # Constexpr branches that must each be compiled at least once: (kernel, constexpr) -> values.
 EXPECTED_BRANCHES = {("route_select_kernel", "CAUSAL"): {True, False},
+                     ("route_select_kernel", "SEPARATE_KEYS"): {True, False},  # chunked prefill: q shorter than k
+                     ("routed_fwd_kernel", "SEPARATE_KEYS"): {True, False},
                      ("routed_bwd_dkv_kernel", "CAUSAL"): {True, False},
                      ("routed_bwd_dkv_kernel", "BLOCK_F"): {4, 128},  # one flag block per chunk / several
                      ("routed_fwd_kernel", "PACK"): {1, 2, 4},
@@ -178,6 +180,17 @@ def _cases():
         for causal in (True, False):
             yield lambda q=q, k=k, v=v, c=causal, cu=cu: _attention(ra, q, k, v, c, cu, 2100, chunk_size=64)
         yield lambda q=q, k=k, cu=cu: route_chunks_triton(q, k, 512, 1000, True, cu, 2100)
+        # chunked prefill (SEPARATE_KEYS): dense 20 queries against 48 keys, packed q against keys with their own
+        # offsets (the forward only: the backward of these layouts is the reference's)
+        k2, v2 = k, v  # the 2137 packed keys above, offsets cu
+        q, k, v = (torch.randn(1, n, h, 64, generator=g).to(dtype) for n, h in ((20, 4), (48, 2), (48, 2)))
+        cu_q, cu_k = torch.tensor([0, 20, 20, 37], dtype=torch.int32), cu
+        qv = torch.randn(37, 4, 64, generator=g).to(dtype)
+        for causal in (True, False):
+            yield lambda q=q, k=k, c=causal: route_chunks_triton(q, k, 16, 3, c)
+            yield lambda q=q, k=k, v=v, c=causal: ra.routed_attention_fwd_triton(q, k, v, 16, 3, c)
+            yield lambda q=qv, k=k2, v=v2, c=causal, cu_q=cu_q, cu_k=cu_k: ra.routed_attention_fwd_triton(
+                q, k, v, 64, 3, c, cu_q, 20, None, cu_seqlens_k=cu_k, max_seqlen_k=2100)
 
 
 def _chunk_mean(fwd, bwd, x, cu, max_seqlen):

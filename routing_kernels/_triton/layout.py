@@ -99,3 +99,18 @@ def chunk_coords(cu_seqlens, chunk_size, num_chunks, num_heads):
     first = i_c * chunk_size
     count = tl.minimum(tl.maximum(length - first, 0), chunk_size)  # 0 for chunks the sequence lacks
     return i_s, i_c, i_h, bos + first, count
+
+
+def key_layout(q: torch.Tensor, k: torch.Tensor, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k):
+    """Keys of the launchers that accept queries shorter than keys (chunked prefill): returns (cu_seqlens_k,
+    max_seqlen_k, separate) to hand to as_packed(k, ..) / chunk_mean_fwd, with separate = True when the keys
+    have their own offsets (the kernels' SEPARATE_KEYS flag).
+    - cu_seqlens_k given: packed k with its own offsets; max_seqlen_k defaults to k.shape[0], an upper bound
+      from shapes (reading the real one would sync).
+    - dense k (B, Nk, ..) with dense q (B, Nq, ..), Nq != Nk: separate, as_packed makes arange(B+1) * Nk.
+    - otherwise k is laid out like q: q's offsets, and separate = False (the training kernels, unchanged)."""
+    if cu_seqlens_k is not None:
+        return cu_seqlens_k, (k.shape[0] if max_seqlen_k is None else max_seqlen_k), True
+    if cu_seqlens is None and k.shape[1] != q.shape[1]:
+        return None, None, True
+    return cu_seqlens, max_seqlen, False

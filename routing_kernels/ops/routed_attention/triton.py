@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ..._layout import accum_dtype
 from ..._triton import next_pow2
-from ..._triton.layout import as_packed, program_coords, seq_block, seq_blocks
+from ..._triton.layout import as_packed, key_layout, program_coords, seq_block, seq_blocks, seq_span
 from ..route_chunks.triton import select_chunks
 
 BLOCK_M = 16  # query tokens per tile (tl.dot needs >= 16 rows); forward/dq rows = BLOCK_M * heads_per_tile
@@ -106,15 +106,23 @@ def _scores(b_q, k, bos, o_n, m_n, i_kh, stride_kt, stride_kh, o_d, m_d, o_m, b_
 
 @triton.jit
 def routed_fwd_kernel(
-    q, k, v, sel, o, lse, cu_seqlens, tile_first, tile_seq,
+    q, k, v, sel, o, lse, cu_seqlens, cu_seqlens_k, tile_first, tile_seq,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     chunk_size, top_k, num_heads, group, head_dim, head_dim_v, scale,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr, PACK: tl.constexpr,
+    CAUSAL: tl.constexpr, SEPARATE_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+    PACK: tl.constexpr,
 ):
-    """o, lse of a (seq, query tile, PACK q heads): flash online softmax over the rows' selected chunks."""
+    """o, lse of a (seq, query tile, PACK q heads): flash online softmax over the rows' selected chunks.
+    SEPARATE_KEYS: k/v have their own offsets cu_seqlens_k (chunked prefill, Lk >= Lq): query row i sits at key
+    position Lk - Lq + i; otherwise cu_seqlens_k is not read and positions are the rows."""
     i_s, _, i_h0, bos, length, o_m, o_h, m_m = _query_rows(cu_seqlens, tile_first, tile_seq, num_heads, BLOCK_M,
                                                             PACK)
+    if SEPARATE_KEYS:
+        bos_k, length_k = seq_span(cu_seqlens_k, i_s)
+    else:
+        bos_k, length_k = bos, length
+    o_p = o_m + (length_k - length)  # [BLOCK_M] key position of each row (rows past Lq: past Lk, masked)
     i_kh = i_h0 // group
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < head_dim
@@ -128,20 +136,21 @@ def routed_fwd_kernel(
     b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    last, end = _chunk_range(o_m, length, chunk_size, CAUSAL, BLOCK_M)
+    # in key positions: o_p and Lk (= shift + Lq), so the helpers of the training layout serve unchanged
+    last, end = _chunk_range(o_p, length_k, chunk_size, CAUSAL, BLOCK_M)
     j = _first_chunk(b_sel, -1)
     while j < end:  # the union of the rows' selected chunks
-        b_rows, k_end = _chunk_keys(b_sel, j, chunk_size, length, last, CAUSAL)
+        b_rows, k_end = _chunk_keys(b_sel, j, chunk_size, length_k, last, CAUSAL)
         for n0 in range(j * chunk_size, k_end, BLOCK_N):
             o_n = n0 + tl.arange(0, BLOCK_N)
             m_n = o_n < k_end
-            b_s, b_k = _scores(b_q, k, bos, o_n, m_n, i_kh, stride_kt, stride_kh, o_d, m_d, o_m, b_rows,
+            b_s, b_k = _scores(b_q, k, bos_k, o_n, m_n, i_kh, stride_kt, stride_kh, o_d, m_d, o_p, b_rows,
                                scale, CAUSAL, DOT_PREC)
             b_new = tl.maximum(b_max, tl.max(b_s, axis=1))
             b_ref = tl.where(b_new == float("-inf"), 0.0, b_new)  # rows with nothing yet: exp(-inf) = 0
             b_p = tl.exp(b_s - b_ref[:, None])  # [BLOCK_M, BLOCK_N]
             b_alpha = tl.exp(b_max - b_ref)
-            p_v = v + (bos + o_n[:, None]) * stride_vt + i_kh * stride_vh + o_dv[None, :]
+            p_v = v + (bos_k + o_n[:, None]) * stride_vt + i_kh * stride_vh + o_dv[None, :]
             b_v = tl.load(p_v, mask=m_n[:, None] & m_dv[None, :], other=0.0)  # [BLOCK_N, BLOCK_DV]
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
             b_sum = b_sum * b_alpha + tl.sum(b_p, axis=1)
@@ -383,29 +392,38 @@ def _chunk_tile_flags(sel, cu, tiles, max_seqlen, chunk_size):
 
 
 def routed_attention_fwd_triton(q, k, v, chunk_size, top_k, causal=True, cu_seqlens=None, max_seqlen=None,
-                                scale=None):
+                                scale=None, cu_seqlens_k=None, max_seqlen_k=None):
     """Routed (MoBA) attention forward with Triton: each query attends to the chunks route_chunks selects.
 
     Args:
-        q: (B, N, Hq, D) or varlen (T, Hq, D), fp16/bf16/fp32. k: like q with Hkv heads (Hq % Hkv == 0).
-        v: (.., Hkv, Dv), same dtype. chunk_size, top_k: ints >= 1 (top_k counts the own chunk; it may exceed
+        q: (B, N, Hq, D) or varlen (T, Hq, D), fp16/bf16/fp32. k: like q with Hkv heads (Hq % Hkv == 0), or
+            longer (chunked prefill): dense (B, Nk, Hkv, D), Nk >= Nq, or packed (Tk, Hkv, D) with cu_seqlens_k;
+            the Lq queries of a sequence with Lk keys are its last positions (query i at Lk - Lq + i).
+        v: (.., Hkv, Dv) laid out like k, same dtype. chunk_size, top_k: ints >= 1 (top_k counts the own chunk; it may exceed
             the number of chunks M: the kernels' tiles are sized by min(top_k, M)).
         causal: bool, default True. cu_seqlens: optional (S+1,) int32/int64 (any strides); max_seqlen: int with
             it, at least the longest sequence.
         scale: float, default D ** -0.5.
+        cu_seqlens_k: optional (S+1,) int32/int64, the keys' own offsets (Lk >= Lq each); max_seqlen_k: int, at
+            least the longest key sequence (default k.shape[0]). Default None: k laid out like q (or dense, longer).
     Returns:
         o: (.., Hq, Dv) in q.dtype; lse: (.., Hq) fp32 (fp64 for fp64 inputs; the kernel computes in fp32),
         natural-log log-sum-exp of the scaled scores.
     Example:
         o, lse = routed_attention_fwd_triton(q, k, v, 64, 8)
         o, lse = routed_attention_fwd_triton(q, k, v, 64, 8, cu_seqlens=cu, max_seqlen=4096)
+        o, lse = routed_attention_fwd_triton(q, k, v, 64, 8, True, cu_q, 512, None, cu_seqlens_k=cu_k,
+                                             max_seqlen_k=4096)  # chunked prefill
+    The backward (routed_attention_bwd_triton) is for k laid out like q only.
     Argument checks are the op's job (routed_attention/op.py check_args). No host sync.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    sel, width = select_chunks(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
+    sel, width = select_chunks(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, None, cu_seqlens_k,
+                               max_seqlen_k)
+    cu_seqlens_k, max_seqlen_k, separate = key_layout(q, k, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     qp, cu, max_seqlen = as_packed(q, cu_seqlens, max_seqlen)
-    kp, _, _ = as_packed(k, cu_seqlens, max_seqlen)
-    vp, _, _ = as_packed(v, cu_seqlens, max_seqlen)
+    kp, cu_k, _ = as_packed(k, cu_seqlens_k, max_seqlen_k)
+    vp, _, _ = as_packed(v, cu_seqlens_k, max_seqlen_k)
     t, hq, d = qp.shape
     hkv, dv = kp.shape[1], vp.shape[2]
     o = torch.empty(t, hq, dv, device=q.device, dtype=q.dtype)
@@ -415,11 +433,11 @@ def routed_attention_fwd_triton(q, k, v, chunk_size, top_k, causal=True, cu_seql
     grid = num_tiles * (hq // pack)
     if t and grid:
         routed_fwd_kernel[(grid,)](
-            qp, kp, vp, sel, o, lse, cu, tile_first, tile_seq,
+            qp, kp, vp, sel, o, lse, cu, cu_k, tile_first, tile_seq,
             qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
             o.stride(0), o.stride(1), chunk_size, width, hq, hq // hkv, d, dv, scale,
-            CAUSAL=bool(causal), BLOCK_M=BLOCK_M * pack, PACK=pack, **_blocks(q, v, chunk_size, width),
-            num_warps=_warps(BLOCK_M * pack))
+            CAUSAL=bool(causal), SEPARATE_KEYS=separate, BLOCK_M=BLOCK_M * pack, PACK=pack,
+            **_blocks(q, v, chunk_size, width), num_warps=_warps(BLOCK_M * pack))
     return o.reshape(*q.shape[:-1], dv), lse.to(accum_dtype(q.dtype)).reshape(q.shape[:-1])
 
 
