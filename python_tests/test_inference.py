@@ -86,7 +86,7 @@ def test_block_indices_from_select_chunks_reproduce_the_op():
 
 def test_inference_layouts_name_what_the_kernels_do_not_yet_do():
     x = torch.randn(1, 8, 2, 4)
-    with pytest.raises(ValueError, match="q_len != k_len, cu_seqlens_k, seqused_k and block_indices run on the"):
+    with pytest.raises(ValueError, match="queries shorter than keys .* Triton"):
         rk.routed_attention(x[:, :1], x, x, C, 2, backend="cpu")
 
 
@@ -272,3 +272,30 @@ def test_decode_layout_runs_the_decode_kernels_and_the_reference_backward(backen
     assert_close_scaled(got, want, torch.float32)
     got.sum().backward()  # forward-only kernels: the reference's backward
     assert bwd == [1] and q.grad is not None
+
+
+@pytest.mark.skipif(not rk._triton.can_run("cpu"), reason="Triton interpreter not on")
+@pytest.mark.parametrize("layout", ["dense", "cu_k"])
+def test_prefill_layout_runs_the_triton_forward_and_the_reference_backward(layout, monkeypatch):
+    from routing_kernels.ops.routed_attention import op
+    from routing_kernels.ops.route_chunks import op as gate_op
+    ran = []
+    for table, name in ((op.KERNELS, "triton"), (gate_op.KERNELS, "triton"), (op.BACKWARD_KERNELS, "reference")):
+        real = table[name]
+        monkeypatch.setitem(table, name, lambda *a, _real=real, _t=id(table): ran.append(_t) or _real(*a))
+    if layout == "dense":
+        q, k, v = _rand(2, 5, 4, 16, seed=0, dtype=torch.float32), *(_rand(2, 13, 2, 16, seed=s, dtype=torch.float32)
+                                                                     for s in (1, 2))
+        kw = {}
+    else:
+        q, k, v = _rand(8, 4, 16, seed=0, dtype=torch.float32), *(_rand(19, 2, 16, seed=s, dtype=torch.float32)
+                                                                  for s in (1, 2))
+        kw = dict(cu_seqlens_q=_cu([3, 5]), cu_seqlens_k=_cu([7, 12]))
+    q.requires_grad_()
+    got = rk.routed_attention(q, k, v, C, 2, backend="triton", **kw)
+    want = rk.routed_attention(q, k, v, C, 2, backend="reference", **kw)
+    assert_close_scaled(got, want, torch.float32)
+    idx = rk.select_chunks(q, k, C, 2, backend="triton", **kw)
+    assert torch.equal(idx, rk.select_chunks(q, k, C, 2, backend="reference", **kw))
+    got.sum().backward()
+    assert ran == [id(op.KERNELS), id(gate_op.KERNELS), id(op.BACKWARD_KERNELS)] and q.grad is not None

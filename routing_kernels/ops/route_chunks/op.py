@@ -35,14 +35,19 @@ def check_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen, v=None, keys: Ke
     check_int("top_k", top_k, 1)
 
 
-INFERENCE_NOTE = ("; the kernels compute q and k in one layout with the gate's own selection: q_len != k_len, "
-                  "cu_seqlens_k, seqused_k and block_indices run on the reference for now")
+INFERENCE_NOTE = ("; which kernel computes which layout: q and k alike, every backend; queries shorter than keys "
+                  "(dense, or cu_seqlens_k), Triton; the decode cache layout (seqused_k, <= 16 queries), the decode "
+                  "kernels; block_indices and other seqused_k calls, the reference for now")
 
 
 def is_training_layout(q: Tensor, k: Tensor, keys: Keys) -> bool:
-    """q and k in the same layout and length: what the kernels compute today (the inference layouts run
-    on the reference until their kernels land)."""
+    """q and k in the same layout and length (training, one-shot prefill)."""
     return keys.like_q and (q.dim() == 3 or q.shape[1] == k.shape[1])
+
+
+def is_prefill_layout(q: Tensor, k: Tensor, keys: Keys) -> bool:
+    """Queries shorter than keys, dense or packed with cu_seqlens_k: the Triton kernels take it (SEPARATE_KEYS)."""
+    return keys.seqused_k is None and not is_training_layout(q, k, keys)
 
 
 def check_values(q, k, cu_seqlens, max_seqlen, keys: Keys):
@@ -55,10 +60,11 @@ def check_values(q, k, cu_seqlens, max_seqlen, keys: Keys):
     return cu_seqlens, keys
 
 
-def available_backends(q: Tensor, cpp_op: str, training_layout: bool = True) -> dict:
-    """Shared with routed_attention: Triton (not fp64) and the C++ kernel registered as ``cpp_op``."""
+def available_backends(q: Tensor, cpp_op: str, training_layout: bool = True, prefill_layout: bool = False) -> dict:
+    """Shared with routed_attention: Triton (not fp64; also the prefill layout) and the C++ kernel registered as
+    ``cpp_op`` (the training layout)."""
     device = q.device.type
-    return {"triton": training_layout and _triton.can_run(device) and q.dtype != torch.float64,
+    return {"triton": (training_layout or prefill_layout) and _triton.can_run(device) and q.dtype != torch.float64,
             "cpu": training_layout and device == "cpu" and _ext.has_kernel(cpp_op, "cpu")}
 
 
@@ -67,9 +73,9 @@ def longest(q: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: Optional[int]) 
 
 
 def backend_for(q: Tensor, requested: Optional[str], chunk_size: int, max_len: int, max_len_k: Optional[int] = None,
-                training_layout: bool = True) -> str:
+                training_layout: bool = True, prefill_layout: bool = False) -> str:
     chosen = _backend.select("route_chunks", q.device.type, requested,
-                             available_backends(q, "route_chunks_fwd", training_layout),
+                             available_backends(q, "route_chunks_fwd", training_layout, prefill_layout),
                              "" if training_layout else INFERENCE_NOTE)
     # The reference scores every (token, head, chunk) of a sequence at once and sorts them (int64 indices).
     max_len_k = max_len if max_len_k is None else max_len_k
@@ -78,10 +84,11 @@ def backend_for(q: Tensor, requested: Optional[str], chunk_size: int, max_len: i
     return chosen
 
 
-# Every implementation takes the key layout; the kernels are only picked for the training layout (keys like q).
+# Every implementation takes the key layout; each kernel is only picked for the layouts it computes.
 def _triton_fwd(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, keys):
     from .triton import route_chunks_triton
-    return route_chunks_triton(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen)
+    return route_chunks_triton(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen,
+                               cu_seqlens_k=keys.cu_seqlens_k, max_seqlen_k=keys.max_seqlen_k)
 
 
 def _cpp_fwd(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, keys):
@@ -106,7 +113,8 @@ def route_chunks(q: Tensor, k: Tensor, chunk_size: int, top_k: int, causal: bool
     check_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen, keys=keys)
     cu_seqlens, keys = check_values(q, k, cu_seqlens, max_seqlen, keys)
     name = backend_for(q, backend, chunk_size, longest(q, cu_seqlens, max_seqlen),
-                       longest_keys(k, cu_seqlens, max_seqlen, keys), is_training_layout(q, k, keys))
+                       longest_keys(k, cu_seqlens, max_seqlen, keys), is_training_layout(q, k, keys),
+                       is_prefill_layout(q, k, keys))
     return KERNELS[name](q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, keys)
 
 

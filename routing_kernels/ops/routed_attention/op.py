@@ -14,7 +14,8 @@ from ... import _backend
 from ..._keys import Keys, check_block_index_values, check_block_indices, longest_keys
 from ..._layout import accum_dtype
 from ..._validation import should_read_values
-from ..route_chunks.op import INFERENCE_NOTE, available_backends, check_values, is_training_layout, longest
+from ..route_chunks.op import (INFERENCE_NOTE, available_backends, check_values, is_prefill_layout,
+                               is_training_layout, longest)
 from ..route_chunks.op import check_args as check_routing_args
 from . import decode
 from .reference import routed_attention_backward_ref, routed_attention_ref
@@ -32,15 +33,16 @@ def check_args(q, k, v, chunk_size, top_k, cu_seqlens, max_seqlen, scale, keys: 
 
 def backend_for(q: Tensor, requested: Optional[str], max_len: int, max_len_k: Optional[int] = None,
                 layout: str = "training") -> str:
-    """layout: "training" (q and k alike, the gate's selection: the attention kernels), "decode" (see
-    decode.py: the decode kernels) or "other" (the reference only, for now)."""
+    """layout: "training" (q and k alike, the gate's selection: the attention kernels), "prefill" (queries
+    shorter than keys, dense or cu_seqlens_k: the Triton forward), "decode" (see decode.py: the decode kernels)
+    or "other" (the reference only, for now)."""
     if layout == "decode":
         available = available_backends(q, "routed_decode_fwd")
         available["triton"] = available["triton"] and decode.has_triton()
     else:
-        available = available_backends(q, "routed_attention_fwd", layout == "training")
+        available = available_backends(q, "routed_attention_fwd", layout == "training", layout == "prefill")
     chosen = _backend.select("routed_attention", q.device.type, requested, available,
-                             "" if layout != "other" else INFERENCE_NOTE)
+                             "" if layout == "training" else INFERENCE_NOTE)
     # The reference builds (Hq, Lq, Lk) scores, probabilities and mask per sequence.
     max_len_k = max_len if max_len_k is None else max_len_k
     nbytes = q.shape[-2] * max_len * max_len_k * (3 * accum_dtype(q.dtype).itemsize + 1)
@@ -59,7 +61,8 @@ def _triton_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scal
     if keys.seqused_k is not None:
         return decode.triton(q, k, v, chunk_size, top_k, causal, _scale(q, scale), keys.seqused_k, key_sums)
     from .triton import routed_attention_fwd_triton
-    return routed_attention_fwd_triton(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, _scale(q, scale))
+    return routed_attention_fwd_triton(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, _scale(q, scale),
+                                       cu_seqlens_k=keys.cu_seqlens_k, max_seqlen_k=keys.max_seqlen_k)
 
 
 def _cpp_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys, block_indices,
@@ -120,9 +123,13 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: in
 
 
 def _layout(q, k, keys, block_indices) -> str:
-    if is_training_layout(q, k, keys) and block_indices is None:
+    if block_indices is not None:
+        return "other"
+    if is_training_layout(q, k, keys):
         return "training"
-    return "decode" if decode.applies(q, keys.seqused_k, block_indices) else "other"
+    if decode.applies(q, keys.seqused_k, block_indices):
+        return "decode"
+    return "prefill" if is_prefill_layout(q, k, keys) else "other"
 
 
 def _resolve(q, k, backend, cu_seqlens, max_seqlen, keys, block_indices) -> str:
@@ -164,7 +171,7 @@ def _setup_context(ctx, inputs, output):
      seqused_k, block_indices, key_sums) = inputs
     ctx.save_for_backward(q, k, v, *output, cu_seqlens, cu_seqlens_k, seqused_k, block_indices)
     keys = Keys(cu_seqlens_k, max_seqlen_k, seqused_k)
-    # The decode kernels are forward-only: their backward is the reference's (see decode.py).
+    # The decode and prefill kernels are forward-only: their backward is the reference's (see decode.py).
     backward = "reference" if _layout(q, k, keys, block_indices) != "training" else \
         _resolve(q, k, backend, cu_seqlens, max_seqlen, keys, block_indices)
     ctx.args = (chunk_size, top_k, causal, max_seqlen, scale, backward, max_seqlen_k)
