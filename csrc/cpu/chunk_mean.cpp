@@ -1,9 +1,9 @@
 // CPU kernel of routing_kernels::chunk_mean_fwd (contract in include/routing_kernels/chunk_mean.h).
+#include <routing_kernels/accum.h>
 #include <routing_kernels/chunk_mean.h>
 #include <routing_kernels/cpu_memory.h>
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -24,7 +24,7 @@ constexpr int64_t GRAIN_VALUES = 32768;  // x values per parallel task, ATen's u
 template <typename scalar_t>
 void chunk_mean_cpu_kernel(const scalar_t* x, const int32_t* cu_seqlens, scalar_t* out, const ChunkMeanShape& shape,
                            int64_t chunk_size) {
-  using acc_t = at::opmath_type<scalar_t>;  // float for half/bfloat16/float, double for double
+  using acc_t = accum_t<scalar_t>;  // float for half/bfloat16/float, double for double
   const int64_t row = shape.num_heads * shape.head_dim;
   const int64_t num_items = shape.num_seqs * shape.num_chunks;
   // Each item reads up to chunk_size * row values.

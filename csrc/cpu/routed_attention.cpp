@@ -75,7 +75,7 @@ Inputs prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
   return in;
 }
 
-at::Tensor to_acc(const at::Tensor& t) { return t.detach().to(routed_acc_type(t.scalar_type())).contiguous(); }
+at::Tensor to_acc(const at::Tensor& t) { return t.detach().to(accum_type(t.scalar_type())).contiguous(); }
 
 // (tokens, heads, dim) flat tensor -> the caller's layout (.., heads, dim).
 at::Tensor like_layout(const at::Tensor& flat, const at::Tensor& ref, at::ScalarType dtype, int64_t tail_dims) {
@@ -306,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_fwd_cpu(const at::Tensor& q,
                                                             int64_t max_seqlen, double scale) {
   const Inputs in = prepare(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen);
   const RoutedShape& sh = in.sh;
-  const auto acc = routed_acc_type(q.scalar_type());
+  const auto acc = accum_type(q.scalar_type());
   const at::Tensor q_a = to_acc(q), k_a = to_acc(k), v_a = to_acc(v);
   at::Tensor o = empty_cpu_output({sh.num_tokens, sh.q_heads, sh.v_dim}, q_a.options());
   at::Tensor lse = empty_cpu_output({sh.num_tokens, sh.q_heads}, q_a.options());
@@ -580,7 +580,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_bwd_cpu(
     const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, double scale) {
   const Inputs in = prepare(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen);
   const RoutedShape& sh = in.sh;
-  const auto acc = routed_acc_type(q.scalar_type());
+  const auto acc = accum_type(q.scalar_type());
   check_routed_token_tensor(o, q, sh, sh.q_heads, sh.v_dim, q.scalar_type(), "o", "(.., Hq, Dv)");
   check_routed_token_tensor(dout, q, sh, sh.q_heads, sh.v_dim, q.scalar_type(), "do", "(.., Hq, Dv)");
   check_routed_token_tensor(lse, q, sh, sh.q_heads, -1, acc, "lse", "(.., Hq)");

@@ -15,6 +15,7 @@
 // are in routing_kernels/ops/routed_attention/README.md. Shape logic shared by the kernels of every device.
 #pragma once
 
+#include <routing_kernels/accum.h>
 #include <routing_kernels/chunk_mean.h>
 
 #include <optional>
@@ -42,10 +43,6 @@ struct SeqSpan {
 inline SeqSpan seq_span(const RoutedShape& shape, const int32_t* cu, int64_t s) {
   if (!cu) return {s * shape.seqlen, shape.seqlen};
   return {int64_t{cu[s]}, int64_t{cu[s + 1]} - int64_t{cu[s]}};
-}
-
-inline at::ScalarType routed_acc_type(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // Same device, dtype, layout rank and tokens as q.
