@@ -2,6 +2,7 @@
 // which is what makes torch.ops.routing_kernels.* available; the module itself only reports how it was built.
 #include <pybind11/pybind11.h>
 #include <routing_kernels/cpu_memory.h>
+#include <routing_kernels/routed_attention.h>
 
 // setup.py passes these; the fallbacks keep other builds compiling.
 #ifndef ROUTING_KERNELS_VERSION
@@ -45,6 +46,16 @@ py::dict cpu_output_cache_stats() {
   return info;
 }
 
+py::dict routed_attention_bwd_stats() {
+  const routing_kernels::cpu::RoutedAttentionBwdStats s = routing_kernels::cpu::routed_attention_bwd_stats();
+  py::dict info;
+  info["budget_bytes"] = s.budget_bytes;
+  info["phases"] = s.phases;
+  info["buffered_phases"] = s.buffered_phases;
+  info["workspace_bytes"] = s.workspace_bytes;
+  return info;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -57,4 +68,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Free the CPU output cache's buffers (live outputs are unaffected).");
   m.def("set_cpu_output_cache_poison", &routing_kernels::set_cpu_output_cache_poison, py::arg("enabled"),
         "Tests: fill every C++ CPU kernel output with NaN (integers: -12345) before the kernel writes it.");
+  m.def("set_routed_attention_bwd_workspace", &routing_kernels::cpu::set_routed_attention_bwd_workspace,
+        py::arg("bytes"),
+        "Tests: the CPU routed_attention backward's workspace budget in bytes (-1: ROUTING_KERNELS_CPU_BWD_WORKSPACE_MB).");
+  m.def("routed_attention_bwd_stats", &routed_attention_bwd_stats,
+        "The CPU routed_attention backward: budget_bytes, and of its last call phases, buffered_phases, "
+        "workspace_bytes.");
 }

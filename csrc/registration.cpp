@@ -4,8 +4,9 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(routing_kernels, m) {
-  // Per-chunk mean of x; see include/routing_kernels/chunk_mean.h for the contract.
+  // Per-chunk mean of x and its backward; see include/routing_kernels/chunk_mean.h for the contract.
   m.def("chunk_mean_fwd(Tensor x, int chunk_size, Tensor? cu_seqlens, int max_seqlen) -> Tensor");
+  m.def("chunk_mean_bwd(Tensor grad_mean, Tensor x, int chunk_size, Tensor? cu_seqlens, int max_seqlen) -> Tensor");
   // chunk_route forward and backward; see include/routing_kernels/chunk_route.h.
   m.def(
       "chunk_route_fwd(Tensor x, Tensor query, int chunk_size, Tensor? cu_seqlens, int max_seqlen, float scale)"

@@ -33,6 +33,19 @@ def chunk_mean(x, chunk_size, cu_seqlens=None, max_seqlen=None):
     return out
 
 
+def chunk_mean_backward(grad_mean, x, chunk_size, cu_seqlens=None):
+    """dx (float64, x's shape): every token of chunk i of sequence s gets grad_mean[s, i] / |chunk i|."""
+    seqs = sequences(x, cu_seqlens)
+    bos = [0] if cu_seqlens is None else cu_seqlens.tolist()
+    dx = torch.zeros(x.shape, dtype=torch.float64).reshape(-1, *x.shape[-2:])
+    for s, xs in enumerate(seqs):
+        first = s * x.shape[1] if cu_seqlens is None else bos[s]
+        for i, (a, b) in enumerate(chunks_of(xs.shape[0], chunk_size)):
+            for t in range(a, b):
+                dx[first + t] = grad_mean[s, i].double() / (b - a)
+    return dx.reshape(x.shape)
+
+
 def chunk_route(x, query, chunk_size, cu_seqlens=None, max_seqlen=None, scale=None):
     means = chunk_mean(x, chunk_size, cu_seqlens, max_seqlen)
     seqs = sequences(x, cu_seqlens)

@@ -163,3 +163,120 @@ def test_bad_input_raises_naming_the_argument():
         ops.routed_attention_bwd(o, lse, q, k, v, o, lse.double(), 4, 2, True, None, 0, 1.0)
     with pytest.raises(RuntimeError, match="do must be"):
         ops.routed_attention_bwd(o[..., :4], lse, q, k, v, o, lse, 4, 2, True, None, 0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------ backward workspace
+# The backward processes chunk indices in ascending phases whose dQ shares fit a workspace budget
+# (ROUTING_KERNELS_CPU_BWD_WORKSPACE_MB; tests force one in bytes). Results must not depend on the budget or on
+# the thread count, bit for bit, and the extra memory must not grow with the shares.
+
+@pytest.fixture
+def workspace():
+    """set(bytes) forces the backward's workspace budget; the environment's budget comes back afterwards."""
+    from routing_kernels import _ext
+    yield _ext._C.set_routed_attention_bwd_workspace
+    _ext._C.set_routed_attention_bwd_workspace(-1)
+
+
+def _bwd_stats():
+    from routing_kernels import _ext
+    return _ext._C.routed_attention_bwd_stats()
+
+
+# (layout, chunk_size, top_k, Hq, Hkv, D, Dv): dense with 11 chunks, varlen with empty sequences, a chunk longer
+# than one key block (600 > 512: the dQ share of a row sums over key blocks), GQA group 4, Dv != D.
+BLOCKED = [
+    ({"B": 2, "N": 700}, 64, 3, 8, 2, 16, 24),
+    ({"lengths": [300, 0, 1300, 5, 0]}, 600, 2, 4, 1, 16, 8),
+    ({"lengths": [0, 257, 1, 130]}, 16, 4, 2, 2, 8, 8),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", BLOCKED, ids=["dense_11chunks", "varlen_chunk600_g4", "varlen_chunk16"])
+def test_backward_blocked_bit_identical(case, causal, workspace, poison):
+    layout, cs, top_k, hq, hkv, d, dv = case
+    q, k, v, cu, ms = _inputs(layout, hq, hkv, d, dv, torch.float32, seed=3)
+    ms = 0 if ms is None else ms
+    o, lse = ops.routed_attention_fwd(q, k, v, cs, top_k, causal, cu, ms, 0.3)
+    g = torch.Generator().manual_seed(5)
+    do, dlse = torch.randn(o.shape, generator=g), torch.randn(lse.shape, generator=g)
+    run = lambda: ops.routed_attention_bwd(do, dlse, q, k, v, o, lse, cs, top_k, causal, cu, ms, 0.3)
+    workspace(1 << 40)  # one phase: every share in one buffer, the unblocked backward
+    whole = run()
+    st = _bwd_stats()
+    assert (st["phases"], st["buffered_phases"]) == (1, 1)
+    torch.testing.assert_close(whole, routed_attention_backward_ref(do, dlse, q, k, v, o, cs, top_k, causal, cu,
+                                                                    ms, 0.3), **TOL[torch.float32])
+    full_bytes = st["workspace_bytes"]
+    num_chunks = -(-(q.shape[1] if cu is None else ms) // cs)
+    rows = q.shape[:-1].numel()
+    # 0: one phase per chunk index, shares straight into dq. Fractions of all shares: many phases, some of them
+    # buffered (several chunk indices), some not (one chunk index, as the big causal chunk 0).
+    stats = {}
+    for budget in (0, full_bytes // 8, full_bytes // 4, full_bytes // 2, full_bytes * 3 // 4):
+        workspace(budget)
+        for threads in (1, 2):
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                got = run()
+            finally:
+                torch.set_num_threads(before)
+            stats[budget] = st = _bwd_stats()
+            # The buffer stays within the budget; a phase of one chunk index may add its index (8 bytes a row).
+            assert st["workspace_bytes"] <= budget + 8 * rows, (budget, st)
+            for name, a, b in zip("dq dk dv".split(), got, whole):
+                assert torch.equal(a, b), f"{name} differs with budget {budget}, {threads} threads"
+    assert stats[0]["phases"] == num_chunks and stats[0]["buffered_phases"] == 0, stats[0]
+    assert any(0 < s["buffered_phases"] < s["phases"] for s in stats.values()), stats  # both kinds in one call
+
+
+def _peak_bytes(fn):
+    """Peak of the bytes allocated while fn runs (torch's CPU allocator and the output cache), from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak, result
+
+
+def _backward_growth(n1, n2, budget, workspace):
+    """Peak bytes of one backward at n1 and n2 tokens, and what may grow between them: the gradients, and the
+    per-query-row index arrays (selection int32 x top_k, delta, a phase's index of 8 bytes), per-chunk tables."""
+    hq = hkv = 4
+    d, cs, top_k = 32, 64, 3
+    workspace(budget)
+    peaks, allowed = [], []
+    for n in (n1, n2):
+        q, k, v, _, _ = _inputs({"B": 1, "N": n}, hq, hkv, d, d, torch.float32, seed=1)
+        o, lse = ops.routed_attention_fwd(q, k, v, cs, top_k, True, None, 0, 0.2)
+        do, dlse = torch.randn_like(o), torch.zeros_like(lse)
+        peak, grads = _peak_bytes(lambda: ops.routed_attention_bwd(do, dlse, q, k, v, o, lse, cs, top_k, True, None,
+                                                                   0, 0.2))
+        rows, chunks = n * hq, -(-n // cs)
+        peaks.append(peak)
+        allowed.append(sum(g.nbytes for g in grads) + rows * (4 * top_k + 4 + 8) + chunks * hkv * (8 + 4 * d))
+        del grads
+    return peaks, allowed
+
+
+def test_backward_extra_memory_does_not_grow_with_n(workspace):
+    # 2K -> 8K tokens: the peak grows by the gradients and the index arrays (~6% of them here), nothing more;
+    # the shares alone would add 2x the gradients' growth.
+    budget = 64 << 10
+    (p1, p2), (a1, a2) = _backward_growth(2048, 8192, budget, workspace)
+    assert p2 - p1 <= a2 - a1, (p1, p2, a1, a2)
+    assert p2 - a2 <= budget and p1 - a1 <= budget, (p1, p2, a1, a2)  # what is left is within the budget
+
+
+def test_backward_memory_check_catches_a_growing_workspace(workspace):
+    # The check above is tight enough to fail for the unblocked backward (one phase: all shares at once).
+    (p1, p2), (a1, a2) = _backward_growth(2048, 8192, 1 << 40, workspace)
+    assert p2 - p1 > a2 - a1 + (a2 - a1) // 2, (p1, p2, a1, a2)

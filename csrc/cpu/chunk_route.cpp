@@ -9,7 +9,6 @@
 // vectorizes at -O3 (see chunk_mean.cpp for why not at::vec). Nothing the size of x is allocated besides outputs,
 // and those (y, dx) come from the output cache of cpu_memory.h: fresh pages cost as much as the kernel itself.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <routing_kernels/chunk_route.h>
@@ -181,14 +180,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_route_fwd_cpu(const at::Ten
   const Prepared p = prepare(x, query, chunk_size, cu_seqlens, max_seqlen);
   const ChunkMeanShape& sh = p.layout.shape;
   const int64_t S = sh.num_seqs, M = sh.num_chunks, H = sh.num_heads, D = sh.head_dim;
-  const auto acc_opts = x.options().dtype(accum_type(x));
+  const auto acc_opts = x.options().dtype(accum_type(x.scalar_type()));
   at::Tensor y = empty_cpu_output(x.sizes(), x.options());
   at::Tensor weights = empty_cpu_output({S, H, M}, acc_opts);
   at::Tensor summary = empty_cpu_output({S, H, D}, x.options());
   at::Tensor means = at::empty({S * M, H * D}, acc_opts);
   const at::Tensor x_c = x.contiguous(), q_c = query.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "chunk_route_fwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = accum_t<scalar_t>;
     acc_t* w = weights.mutable_data_ptr<acc_t>();
     const acc_t* mu = means.const_data_ptr<acc_t>();
     scalar_t* out_summary = summary.mutable_data_ptr<scalar_t>();
@@ -229,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> chunk_route_bwd_cpu(const at::Tensor& dy, con
   const ChunkMeanShape& sh = p.layout.shape;
   const int64_t S = sh.num_seqs, M = sh.num_chunks, H = sh.num_heads, D = sh.head_dim;
   check_chunk_route_grads(dy, dweights, dsummary, weights, x, sh);
-  const auto acc_opts = x.options().dtype(accum_type(x));
+  const auto acc_opts = x.options().dtype(accum_type(x.scalar_type()));
   at::Tensor dx = empty_cpu_output(x.sizes(), x.options());
   at::Tensor dquery = empty_cpu_output({S, H, D}, acc_opts);
   at::Tensor means = at::empty({S * M, H * D}, acc_opts);
@@ -237,9 +236,9 @@ std::tuple<at::Tensor, at::Tensor> chunk_route_bwd_cpu(const at::Tensor& dy, con
   at::Tensor add = at::empty({S * M, H * D}, acc_opts);  // per-chunk row added to every token's dx
   const at::Tensor x_c = x.contiguous(), dy_c = dy.contiguous(), q_c = query.contiguous();
   const at::Tensor w_c = weights.contiguous(), dsum_c = dsummary.contiguous();
-  const at::Tensor dweights_c = dweights.to(accum_type(x)).contiguous();
+  const at::Tensor dweights_c = dweights.to(accum_type(x.scalar_type())).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "chunk_route_bwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = accum_t<scalar_t>;
     const acc_t* w = w_c.const_data_ptr<acc_t>();
     const acc_t* mu = means.const_data_ptr<acc_t>();
     const scalar_t* q = q_c.const_data_ptr<scalar_t>();

@@ -167,7 +167,7 @@ at::Tensor route_chunks_fwd_cpu(const at::Tensor& q, const at::Tensor& k, int64_
     cu = cu_c.const_data_ptr<int32_t>();
     check_cu_seqlens_values(cu, sh.num_seqs, sh.num_tokens, max_seqlen);
   }
-  const auto acc = routed_acc_type(q.scalar_type());
+  const auto acc = accum_type(q.scalar_type());
   const at::Tensor q_acc = q.detach().to(acc).contiguous(), k_acc = k.detach().to(acc).contiguous();
   at::Tensor idx = route_chunks_acc(q_acc, k_acc, sh, cu, chunk_size, top_k, causal);
   std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end() - 1);

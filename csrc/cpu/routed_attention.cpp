@@ -11,9 +11,10 @@
 //             their chunks in ascending order, merging each block into (running max, sum, o) online, so the result
 //             does not depend on the thread count and no per-chunk partials are stored.
 //   backward: task = (sequence, kv head, key chunk), the owner of that chunk's dK / dV rows. Its queries' dQ shares
-//             go to a (query, slot) buffer, summed afterwards in slot (= ascending chunk) order: deterministic, no
-//             atomics. The buffer is tokens x Hq x min(top_k, M) x D in the accumulation type (134 MB at 16K tokens,
-//             8 heads, top_k 4, D 64); the alternative, a query-side pass that recomputes S and dP, costs 3 more
+//             are added into dq in slot (= ascending chunk) order: deterministic, no atomics. Chunk indices are
+//             processed in ascending phases whose shares fit a fixed workspace budget (see "Workspace" below), so
+//             the extra memory does not grow with the shares (tokens x Hq x top_k x D: 17 GB at 128K tokens,
+//             32 heads, top_k 8, D 128). The alternative, a query-side pass that recomputes S and dP, costs 3 more
 //             GEMMs per block (~60% more time).
 //
 // Tasks are handed out through an atomic counter (costliest first in the backward): the causal chunk 0 of a long
@@ -28,7 +29,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <numeric>
 #include <tuple>
@@ -72,7 +75,7 @@ Inputs prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
   return in;
 }
 
-at::Tensor to_acc(const at::Tensor& t) { return t.detach().to(routed_acc_type(t.scalar_type())).contiguous(); }
+at::Tensor to_acc(const at::Tensor& t) { return t.detach().to(accum_type(t.scalar_type())).contiguous(); }
 
 // (tokens, heads, dim) flat tensor -> the caller's layout (.., heads, dim).
 at::Tensor like_layout(const at::Tensor& flat, const at::Tensor& ref, at::ScalarType dtype, int64_t tail_dims) {
@@ -164,6 +167,15 @@ RK_ROW_LOOP void lse_shift_row(acc_t* row, int64_t a, int64_t c, acc_t scale, ac
 #pragma omp simd
   for (int64_t i = 0; i < a; ++i) row[i] = row[i] * scale - lse;
   for (int64_t i = a; i < c; ++i) row[i] = 0;
+}
+
+// Backward: <a, b> over one row (delta = <dO, O> - dlse).
+template <typename acc_t>
+RK_ROW_LOOP acc_t dot_row(const acc_t* a, const acc_t* b, int64_t n) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
 }
 
 // Backward: dS = P * (dP - delta), in place in dP.
@@ -294,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_fwd_cpu(const at::Tensor& q,
                                                             int64_t max_seqlen, double scale) {
   const Inputs in = prepare(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen);
   const RoutedShape& sh = in.sh;
-  const auto acc = routed_acc_type(q.scalar_type());
+  const auto acc = accum_type(q.scalar_type());
   const at::Tensor q_a = to_acc(q), k_a = to_acc(k), v_a = to_acc(v);
   at::Tensor o = empty_cpu_output({sh.num_tokens, sh.q_heads, sh.v_dim}, q_a.options());
   at::Tensor lse = empty_cpu_output({sh.num_tokens, sh.q_heads}, q_a.options());
@@ -309,132 +321,257 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_fwd_cpu(const at::Tensor& q,
 }
 
 // ----------------------------------------------------------------------------------------------------- backward
+//
+// Workspace. A task (sequence s, key chunk j, kv head hk) computes one dQ share per query row that selected j; a
+// row's dQ is the sum of its shares in slot (= ascending chunk) order. The chunks are processed in phases, each a
+// range of chunk indices [j0, j1) of every sequence and kv head, in ascending order, so a row receives its shares
+// phase after phase in slot order: adding each phase's shares into dq as the phase ends gives the same sums, bit
+// for bit, however the chunks are grouped. A phase of one chunk index has one task per (s, hk), whose rows are its
+// own: it adds its shares straight into dq, no buffer. A phase of several chunk indices keeps its shares in a
+// buffer of (entries x D) and adds them afterwards. The planner groups chunk indices while the buffer and index of
+// a phase stay within the workspace budget (ROUTING_KERNELS_CPU_BWD_WORKSPACE_MB, default 256), so the extra
+// memory is bounded: budget + the phase's index (8 bytes per query row of one chunk index when a single chunk index
+// is over budget) + the selection (int32 top_k per query row) + delta (one value per query row), against
+// tokens x Hq x slots x (D + 2) x 4 bytes before (17 GB at 128K tokens, 32 heads, top_k 8, D 128).
+
+int64_t workspace_budget_from_env() {
+  const char* text = std::getenv("ROUTING_KERNELS_CPU_BWD_WORKSPACE_MB");
+  if (text == nullptr || *text == '\0') return int64_t{256} << 20;
+  char* end = nullptr;
+  errno = 0;
+  const long long mb = std::strtoll(text, &end, 10);
+  TORCH_CHECK(end != text && *end == '\0' && errno == 0 && mb >= 0 && mb <= (int64_t{1} << 40),
+              "routing_kernels: ROUTING_KERNELS_CPU_BWD_WORKSPACE_MB must be a whole number of megabytes in [0, 2^40], "
+              "got '", text, "'");
+  return static_cast<int64_t>(mb) << 20;
+}
+
+std::atomic<int64_t> g_workspace_override{-1};  // bytes; -1: the environment's value
+std::atomic<int64_t> g_stat_phases{0}, g_stat_buffered_phases{0}, g_stat_workspace_bytes{0};
+
+int64_t workspace_budget() {
+  const int64_t forced = g_workspace_override.load();
+  if (forced >= 0) return forced;
+  static const int64_t from_env = workspace_budget_from_env();
+  return from_env;
+}
+
+// dq row += a dQ share; the row's first share is copied (dq starts uninitialized: 0 * NaN would stay NaN).
+template <typename acc_t>
+void add_share(acc_t* dq_row, const acc_t* share, bool first, int64_t D) {
+  if (first) {
+    scaled_copy_row(dq_row, share, acc_t(1), D);
+  } else {
+    scale_add_row(dq_row, share, acc_t(1), acc_t(1), D);
+  }
+}
 
 template <typename acc_t>
 void backward_kernel(const Inputs& in, const at::Tensor& q_a, const at::Tensor& k_a, const at::Tensor& v_a,
                      const at::Tensor& do_a, const acc_t* lse, const acc_t* delta, const int32_t* sel, acc_t scale,
-                     int64_t slots, acc_t* dq_part, acc_t* dk, acc_t* dv) {
+                     acc_t* dq, acc_t* dk, acc_t* dv) {
   const RoutedShape& sh = in.sh;
   const int64_t Hq = sh.q_heads, Hkv = sh.kv_heads, G = sh.group, D = sh.head_dim, Dv = sh.v_dim;
-  const int64_t cs = in.chunk_size, top_k = in.top_k, S = sh.num_seqs;
+  const int64_t cs = in.chunk_size, top_k = in.top_k, S = sh.num_seqs, M = sh.num_chunks;
   const auto opts = q_a.options();
+  const auto long_opts = opts.dtype(at::kLong);
 
-  // Inverted index per (sequence, kv head): the (query row, slot) entries of every chunk, grouped by chunk, queries
-  // ascending inside a chunk. Entry = q_row * slots + slot, where q_row = token * Hq + head. The entries of
-  // (s, hk) live at [bos * Hq * slots + hk * len * G * slots, ...), at most len * G * slots of them.
+  // count[(chunk_off[s] + j) * Hkv + hk]: query rows of sequence s, kv head hk that selected chunk j.
   std::vector<int64_t> chunk_off(S + 1, 0);
   for (int64_t s = 0; s < S; ++s) chunk_off[s + 1] = chunk_off[s] + ceil_div(seq_span(sh, in.cu, s).len, cs);
-  std::vector<int64_t> entries(sh.num_tokens * Hq * slots);
-  std::vector<int64_t> bucket((chunk_off[S] * Hkv) + 1, 0);  // bucket[(chunk_off[s] + j) * Hkv + hk] = first entry
-  std::vector<int64_t> bucket_end(chunk_off[S] * Hkv, 0);
+  at::Tensor count_t = at::zeros({chunk_off[S] * Hkv}, long_opts);  // a tensor: torch.profiler sees it
+  int64_t* count = count_t.mutable_data_ptr<int64_t>();
   at::parallel_for(0, S * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> fill;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / Hkv, hk = item % Hkv;
       const SeqSpan sp = seq_span(sh, in.cu, s);
-      const int64_t n = chunk_off[s + 1] - chunk_off[s];
-      if (n == 0) continue;
-      fill.assign(n + 1, 0);
+      int64_t* c = count + chunk_off[s] * Hkv + hk;
       for (int64_t t = sp.bos; t < sp.bos + sp.len; ++t)
         for (int64_t g = 0; g < G; ++g) {
           const int32_t* sr = sel + (t * Hq + hk * G + g) * top_k;
-          for (int64_t i = 0; i < top_k && sr[i] >= 0; ++i) ++fill[sr[i] + 1];
-        }
-      const int64_t base = sp.bos * Hq * slots + hk * sp.len * G * slots;
-      fill[0] = base;
-      for (int64_t j = 1; j <= n; ++j) fill[j] += fill[j - 1];
-      for (int64_t j = 0; j < n; ++j) {
-        bucket[(chunk_off[s] + j) * Hkv + hk] = fill[j];
-        bucket_end[(chunk_off[s] + j) * Hkv + hk] = fill[j + 1];
-      }
-      for (int64_t t = sp.bos; t < sp.bos + sp.len; ++t)
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t qr = t * Hq + hk * G + g;
-          const int32_t* sr = sel + qr * top_k;
-          for (int64_t i = 0; i < top_k && sr[i] >= 0; ++i) entries[fill[sr[i]]++] = qr * slots + i;
+          for (int64_t i = 0; i < top_k && sr[i] >= 0; ++i) ++c[sr[i] * Hkv];
         }
     }
   });
 
-  // Tasks: (sequence, chunk, kv head), costliest (most entries) first.
-  std::vector<int64_t> tasks(chunk_off[S] * Hkv);
-  std::iota(tasks.begin(), tasks.end(), 0);
-  std::stable_sort(tasks.begin(), tasks.end(), [&](int64_t a, int64_t b) {
-    return bucket_end[a] - bucket[a] > bucket_end[b] - bucket[b];
-  });
+  // Phases: ranges of chunk indices, ascending, each within the budget unless it is a single chunk index.
+  std::vector<int64_t> column(M, 0);  // entries of chunk index j over every sequence and kv head
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t j = 0; j < chunk_off[s + 1] - chunk_off[s]; ++j)
+      for (int64_t hk = 0; hk < Hkv; ++hk) column[j] += count[(chunk_off[s] + j) * Hkv + hk];
+  const int64_t entry_bytes = D * static_cast<int64_t>(sizeof(acc_t)) + static_cast<int64_t>(sizeof(int64_t));
+  const int64_t budget = workspace_budget();
+  std::vector<std::pair<int64_t, int64_t>> phases;
+  int64_t max_entries = 0, max_buffered = 0;
+  for (int64_t j0 = 0, j1; j0 < M; j0 = j1) {
+    int64_t entries = column[j0];
+    for (j1 = j0 + 1; j1 < M && (entries + column[j1]) * entry_bytes <= budget; ++j1) entries += column[j1];
+    phases.emplace_back(j0, j1);
+    max_entries = std::max(max_entries, entries);
+    if (j1 - j0 > 1) max_buffered = std::max(max_buffered, entries);
+  }
+  // From the output cache like the outputs: fresh pages of a 134 MB buffer (16K tokens, 8 heads, top_k 4, D 64) cost
+  // ~70 ms of page faults per call, and the next call needs the same buffer.
+  at::Tensor entries_t = empty_cpu_output({max_entries}, long_opts);
+  at::Tensor share_t = empty_cpu_output({max_buffered, D}, opts);
+  int64_t* entries = entries_t.mutable_data_ptr<int64_t>();
+  acc_t* shares = share_t.mutable_data_ptr<acc_t>();
+  g_stat_phases = static_cast<int64_t>(phases.size());
+  g_stat_buffered_phases = std::count_if(phases.begin(), phases.end(), [](const auto& p) { return p.second - p.first > 1; });
+  g_stat_workspace_bytes = max_entries * static_cast<int64_t>(sizeof(int64_t)) + max_buffered * D * sizeof(acc_t);
+
   const acc_t* q = q_a.const_data_ptr<acc_t>();
   const acc_t* k = k_a.const_data_ptr<acc_t>();
   const acc_t* v = v_a.const_data_ptr<acc_t>();
   const acc_t* dout = do_a.const_data_ptr<acc_t>();
+  struct Task {
+    int64_t s, hk, j, begin, count;  // entries [begin, begin + count) of the phase's index
+  };
+  std::vector<Task> tasks;
+  std::vector<int64_t> region;  // per (s, hk) of the phase: first entry
 
-  run_tasks(static_cast<int64_t>(tasks.size()), [&](std::atomic<int64_t>& next) {
-    Scratch<acc_t> sc(D, Dv);
-    std::vector<acc_t> dk_acc, dv_acc, dog(ROW_BLOCK * Dv);
-    for (int64_t i_task; (i_task = next.fetch_add(1)) < static_cast<int64_t>(tasks.size());) {
-      const int64_t id = tasks[i_task], c = id / Hkv, hk = id % Hkv;
-      const int64_t s = std::upper_bound(chunk_off.begin(), chunk_off.end(), c) - chunk_off.begin() - 1;
-      const SeqSpan sp = seq_span(sh, in.cu, s);
-      const int64_t kb = (c - chunk_off[s]) * cs, ke = std::min(sp.len, kb + cs), nk = ke - kb;
-      dk_acc.assign(nk * D, acc_t(0));
-      dv_acc.assign(nk * Dv, acc_t(0));
-      const int64_t e_begin = bucket[id], e_end = bucket_end[id];
-      for (int64_t k0 = kb; k0 < ke; k0 += KEY_BLOCK) {
-        const int64_t k1 = std::min(ke, k0 + KEY_BLOCK);
-        const at::Tensor k_blk = view2(k + ((sp.bos + k0) * Hkv + hk) * D, k1 - k0, D, Hkv * D, opts);
-        const at::Tensor v_blk = view2(v + ((sp.bos + k0) * Hkv + hk) * Dv, k1 - k0, Dv, Hkv * Dv, opts);
-        for (int64_t b0 = e_begin; b0 < e_end; b0 += ROW_BLOCK) {
-          const int64_t R = std::min(ROW_BLOCK, e_end - b0);
-          const int64_t* ee = entries.data() + b0;
-          int64_t C = 0;
-          for (int64_t i = 0; i < R; ++i) {
-            const int64_t qr = ee[i] / slots;
-            sc.allowed[i] = allowed_keys(in.causal, qr / Hq - sp.bos, k0, k1);
-            C = std::max(C, sc.allowed[i]);
+  for (const auto& [j0, j1] : phases) {
+    const bool buffered = j1 - j0 > 1;
+    // Index of the phase: per (s, hk) a region, in it the buckets of chunks j0.. ascending, rows ascending inside.
+    tasks.clear();
+    region.assign(S * Hkv + 1, 0);
+    int64_t total = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t n = chunk_off[s + 1] - chunk_off[s];
+      for (int64_t hk = 0; hk < Hkv; ++hk) {
+        region[s * Hkv + hk] = total;
+        for (int64_t j = j0; j < std::min(j1, n); ++j) {
+          const int64_t c = count[(chunk_off[s] + j) * Hkv + hk];
+          tasks.push_back({s, hk, j, total, c});
+          total += c;
+        }
+      }
+    }
+    region[S * Hkv] = total;
+    at::parallel_for(0, S * Hkv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> fill(j1 - j0);
+      for (int64_t item = begin; item < end; ++item) {
+        if (region[item + 1] == region[item]) continue;
+        const int64_t s = item / Hkv, hk = item % Hkv;
+        const SeqSpan sp = seq_span(sh, in.cu, s);
+        int64_t next = region[item];
+        for (int64_t j = j0; j < j1; ++j) {
+          fill[j - j0] = next;
+          if (j < chunk_off[s + 1] - chunk_off[s]) next += count[(chunk_off[s] + j) * Hkv + hk];
+        }
+        // Causal: a token selects no chunk after its own, so the tokens before chunk j0 have nothing here.
+        for (int64_t t = sp.bos + (in.causal ? std::min(sp.len, j0 * cs) : 0); t < sp.bos + sp.len; ++t)
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t qr = t * Hq + hk * G + g;
+            const int32_t* sr = sel + qr * top_k;
+            for (int64_t i = 0; i < top_k && sr[i] >= 0 && sr[i] < j1; ++i)  // ascending, -1 padded
+              if (sr[i] >= j0) entries[fill[sr[i] - j0]++] = qr;
           }
-          if (C == 0) continue;
+      }
+    });
+    // Costliest (most entries) first.
+    std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.count > b.count; });
+
+    run_tasks(static_cast<int64_t>(tasks.size()), [&](std::atomic<int64_t>& next) {
+      Scratch<acc_t> sc(D, Dv);
+      std::vector<acc_t> dk_acc, dv_acc, dog(ROW_BLOCK * Dv), share_rows(buffered ? 0 : ROW_BLOCK * D);
+      for (int64_t i_task; (i_task = next.fetch_add(1)) < static_cast<int64_t>(tasks.size());) {
+        const Task& tk = tasks[i_task];
+        const SeqSpan sp = seq_span(sh, in.cu, tk.s);
+        const int64_t kb = tk.j * cs, ke = std::min(sp.len, kb + cs), nk = ke - kb;
+        dk_acc.assign(nk * D, acc_t(0));
+        dv_acc.assign(nk * Dv, acc_t(0));
+        for (int64_t b0 = 0; b0 < tk.count; b0 += ROW_BLOCK) {
+          const int64_t R = std::min(ROW_BLOCK, tk.count - b0);
+          const int64_t* ee = entries + tk.begin + b0;  // query rows, ascending
           for (int64_t i = 0; i < R; ++i) {
-            const int64_t qr = ee[i] / slots;
-            std::copy_n(q + qr * D, D, sc.qg.data() + i * D);
-            std::copy_n(dout + qr * Dv, Dv, dog.data() + i * Dv);
+            std::copy_n(q + ee[i] * D, D, sc.qg.data() + i * D);
+            std::copy_n(dout + ee[i] * Dv, Dv, dog.data() + i * Dv);
           }
           const at::Tensor qg = view2(sc.qg.data(), R, D, D, opts);
           const at::Tensor dog_t = view2(dog.data(), R, Dv, Dv, opts);
-          // P = exp(scale Q K^T - lse) on the allowed keys, dP = dO V^T, dS = P * (dP - delta).
-          at::Tensor p_t = view2(sc.s.data(), R, C, C, opts);
-          at::Tensor ds_t = view2(sc.dp.data(), R, C, C, opts);
-          at::mm_out(p_t, qg, k_blk.narrow(0, 0, C).t());
-          for (int64_t i = 0; i < R; ++i) {
-            lse_shift_row(sc.s.data() + i * C, sc.allowed[i], C, scale, lse[ee[i] / slots]);
+          // The rows' dQ shares: in the phase's buffer, or in share_rows until they go into dq below.
+          acc_t* share = buffered ? shares + (tk.begin + b0) * D : share_rows.data();
+          for (int64_t k0 = kb; k0 < ke; k0 += KEY_BLOCK) {
+            const int64_t k1 = std::min(ke, k0 + KEY_BLOCK);
+            int64_t C = 0;
+            for (int64_t i = 0; i < R; ++i) {
+              sc.allowed[i] = allowed_keys(in.causal, ee[i] / Hq - sp.bos, k0, k1);
+              C = std::max(C, sc.allowed[i]);
+            }
+            if (C == 0) continue;
+            const at::Tensor k_blk = view2(k + ((sp.bos + k0) * Hkv + tk.hk) * D, C, D, Hkv * D, opts);
+            const at::Tensor v_blk = view2(v + ((sp.bos + k0) * Hkv + tk.hk) * Dv, C, Dv, Hkv * Dv, opts);
+            // P = exp(scale Q K^T - lse) on the allowed keys, dP = dO V^T, dS = P * (dP - delta).
+            at::Tensor p_t = view2(sc.s.data(), R, C, C, opts);
+            at::Tensor ds_t = view2(sc.dp.data(), R, C, C, opts);
+            at::mm_out(p_t, qg, k_blk.t());
+            for (int64_t i = 0; i < R; ++i) lse_shift_row(sc.s.data() + i * C, sc.allowed[i], C, scale, lse[ee[i]]);
+            p_t.exp_();
+            unmask(sc.s.data(), sc.allowed.data(), R, C);
+            at::mm_out(ds_t, dog_t, v_blk.t());
+            for (int64_t i = 0; i < R; ++i) ds_row(sc.dp.data() + i * C, sc.s.data() + i * C, delta[ee[i]], C);
+            // dV += P^T dO, dK += dS^T Q (this task owns these key rows; scaled once at the end), dQ share +=
+            // scale dS K. No alpha in the GEMM: MKL's sgemm with alpha != 1 rounded differently with 1 and 2 threads.
+            at::Tensor dv_blk = view2(dv_acc.data() + (k0 - kb) * Dv, C, Dv, Dv, opts);
+            at::Tensor dk_blk = view2(dk_acc.data() + (k0 - kb) * D, C, D, D, opts);
+            dv_blk.addmm_(p_t.t(), dog_t);
+            dk_blk.addmm_(ds_t.t(), qg);
+            at::Tensor dqg = view2(sc.og.data(), R, D, D, opts);
+            at::mm_out(dqg, ds_t, k_blk);
+            const bool first = k0 == kb;  // every row has keys in the chunk's first block (its own token when causal)
+            for (int64_t i = 0; i < R; ++i) {
+              if (first) {
+                scaled_copy_row(share + i * D, sc.og.data() + i * D, scale, D);
+              } else {
+                scale_add_row(share + i * D, sc.og.data() + i * D, acc_t(1), scale, D);
+              }
+            }
           }
-          p_t.exp_();
-          unmask(sc.s.data(), sc.allowed.data(), R, C);
-          at::mm_out(ds_t, dog_t, v_blk.narrow(0, 0, C).t());
-          for (int64_t i = 0; i < R; ++i) {
-            ds_row(sc.dp.data() + i * C, sc.s.data() + i * C, delta[ee[i] / slots], C);
-          }
-          // dV += P^T dO, dK += scale dS^T Q (this task owns these key rows), dQ share = scale dS K.
-          at::Tensor dv_blk = view2(dv_acc.data() + (k0 - kb) * Dv, C, Dv, Dv, opts);
-          at::Tensor dk_blk = view2(dk_acc.data() + (k0 - kb) * D, C, D, D, opts);
-          dv_blk.addmm_(p_t.t(), dog_t);
-          dk_blk.addmm_(ds_t.t(), qg, /*beta=*/1, /*alpha=*/scale);
-          at::Tensor dqg = view2(sc.og.data(), R, D, D, opts);
-          at::mm_out(dqg, ds_t, k_blk.narrow(0, 0, C));
-          const bool first = k0 == kb;  // every row has keys in the chunk's first block (its own token when causal)
-          for (int64_t i = 0; i < R; ++i) {
-            if (first) {
-              scaled_copy_row(dq_part + ee[i] * D, sc.og.data() + i * D, scale, D);
-            } else {
-              scale_add_row(dq_part + ee[i] * D, sc.og.data() + i * D, acc_t(1), scale, D);
+          if (!buffered) {  // one task per (s, hk) in this phase: the rows are this task's alone
+            for (int64_t i = 0; i < R; ++i) {
+              const bool first_share = sel[ee[i] * top_k] == tk.j;  // the row's first (lowest) chunk
+              add_share(dq + ee[i] * D, share + i * D, first_share, D);
             }
           }
         }
+        for (int64_t t = 0; t < nk; ++t) {
+          scaled_copy_row(dk + ((sp.bos + kb + t) * Hkv + tk.hk) * D, dk_acc.data() + t * D, scale, D);
+          std::copy_n(dv_acc.data() + t * Dv, Dv, dv + ((sp.bos + kb + t) * Hkv + tk.hk) * Dv);
+        }
       }
-      for (int64_t t = 0; t < nk; ++t) {
-        std::copy_n(dk_acc.data() + t * D, D, dk + ((sp.bos + kb + t) * Hkv + hk) * D);
-        std::copy_n(dv_acc.data() + t * Dv, Dv, dv + ((sp.bos + kb + t) * Hkv + hk) * Dv);
+    });
+    if (!buffered) continue;
+    // dq += the buffered shares, per row in ascending chunk order. Items: (s, hk, block of tokens); the rows of a
+    // token block are a contiguous range of each (ascending) bucket.
+    constexpr int64_t REDUCE_TOKENS = 512;
+    std::vector<int64_t> item_off(S * Hkv + 1, 0);
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t hk = 0; hk < Hkv; ++hk)
+        item_off[s * Hkv + hk + 1] = item_off[s * Hkv + hk] + ceil_div(seq_span(sh, in.cu, s).len, REDUCE_TOKENS);
+    at::parallel_for(0, item_off.back(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t sk = std::upper_bound(item_off.begin(), item_off.end(), item) - item_off.begin() - 1;
+        const int64_t s = sk / Hkv, hk = sk % Hkv;
+        const SeqSpan sp = seq_span(sh, in.cu, s);
+        const int64_t t0 = sp.bos + (item - item_off[sk]) * REDUCE_TOKENS;
+        const int64_t t1 = std::min(sp.bos + sp.len, t0 + REDUCE_TOKENS);
+        const int64_t n = chunk_off[s + 1] - chunk_off[s];
+        int64_t bucket = region[sk];
+        for (int64_t j = j0; j < std::min(j1, n); ++j) {
+          const int64_t c = count[(chunk_off[s] + j) * Hkv + hk];
+          const int64_t *b_begin = entries + bucket, *b_end = b_begin + c;
+          const int64_t* lo = std::lower_bound(b_begin, b_end, t0 * Hq);
+          const int64_t* hi = std::lower_bound(lo, b_end, t1 * Hq);
+          for (const int64_t* e = lo; e < hi; ++e) {
+            const bool first_share = sel[*e * top_k] == j;
+            add_share(dq + *e * D, shares + (e - entries) * D, first_share, D);
+          }
+          bucket += c;
+        }
       }
-    }
-  });
+    });
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_bwd_cpu(
@@ -443,44 +580,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_bwd_cpu(
     const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, double scale) {
   const Inputs in = prepare(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen);
   const RoutedShape& sh = in.sh;
-  const auto acc = routed_acc_type(q.scalar_type());
+  const auto acc = accum_type(q.scalar_type());
   check_routed_token_tensor(o, q, sh, sh.q_heads, sh.v_dim, q.scalar_type(), "o", "(.., Hq, Dv)");
   check_routed_token_tensor(dout, q, sh, sh.q_heads, sh.v_dim, q.scalar_type(), "do", "(.., Hq, Dv)");
   check_routed_token_tensor(lse, q, sh, sh.q_heads, -1, acc, "lse", "(.., Hq)");
   check_routed_token_tensor(dlse, q, sh, sh.q_heads, -1, acc, "dlse", "(.., Hq)");
   const at::Tensor q_a = to_acc(q), k_a = to_acc(k), v_a = to_acc(v), do_a = to_acc(dout);
-  const int64_t T = sh.num_tokens, Hq = sh.q_heads;
+  const int64_t T = sh.num_tokens, Hq = sh.q_heads, Dv = sh.v_dim;
   at::Tensor dq = empty_cpu_output({T, Hq, sh.head_dim}, q_a.options());
   at::Tensor dk = empty_cpu_output({T, sh.kv_heads, sh.head_dim}, q_a.options());
   at::Tensor dv = empty_cpu_output({T, sh.kv_heads, sh.v_dim}, q_a.options());
   if (T > 0) {
-    // delta = <dO, O> - dlse per query, with O as stored (q's dtype), like the reference.
-    const at::Tensor delta =
-        (do_a.view({T, Hq, sh.v_dim}) * to_acc(o).view({T, Hq, sh.v_dim})).sum(-1) - dlse.detach().reshape({T, Hq});
     const at::Tensor lse_c = lse.detach().reshape({T, Hq}).contiguous();
+    const at::Tensor dlse_c = dlse.detach().reshape({T, Hq}).contiguous();
+    const at::Tensor o_a = to_acc(o);  // O as stored (q's dtype), like the reference
     const at::Tensor sel = route_chunks_acc(q_a, k_a, sh, in.cu, chunk_size, top_k, causal);
-    const int64_t slots = std::min(top_k, std::max<int64_t>(sh.num_chunks, 1));
-    at::Tensor dq_part = at::empty({T * Hq * slots, sh.head_dim}, q_a.options());
+    at::Tensor delta = at::empty({T, Hq}, q_a.options());
     AT_DISPATCH_FLOATING_TYPES(acc, "routed_attention_bwd_cpu", [&] {
-      scalar_t* part = dq_part.mutable_data_ptr<scalar_t>();
-      backward_kernel<scalar_t>(in, q_a, k_a, v_a, do_a, lse_c.const_data_ptr<scalar_t>(),
-                                delta.contiguous().const_data_ptr<scalar_t>(), sel.const_data_ptr<int32_t>(),
-                                static_cast<scalar_t>(scale), slots, part, dk.mutable_data_ptr<scalar_t>(),
-                                dv.mutable_data_ptr<scalar_t>());
-      // dq = sum of the query's shares in slot order (ascending chunk): a fixed order, whatever the threads did.
-      const int32_t* sp = sel.const_data_ptr<int32_t>();
-      scalar_t* out = dq.mutable_data_ptr<scalar_t>();
-      const int64_t D = sh.head_dim;
-      at::parallel_for(0, T * Hq, 1024, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          scalar_t* dst = out + r * D;
-          std::fill_n(dst, D, scalar_t(0));
-          for (int64_t i = 0; i < slots && sp[r * top_k + i] >= 0; ++i) {
-            const scalar_t* src = part + (r * slots + i) * D;
-            for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
-          }
-        }
+      // delta = <dO, O> - dlse per query row, one row at a time (a (T, Hq, Dv) product would be dq-sized).
+      const scalar_t* p_do = do_a.const_data_ptr<scalar_t>();
+      const scalar_t* p_o = o_a.const_data_ptr<scalar_t>();
+      const scalar_t* p_dlse = dlse_c.const_data_ptr<scalar_t>();
+      scalar_t* p_delta = delta.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, T * Hq, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) p_delta[r] = dot_row(p_do + r * Dv, p_o + r * Dv, Dv) - p_dlse[r];
       });
+      backward_kernel<scalar_t>(in, q_a, k_a, v_a, do_a, lse_c.const_data_ptr<scalar_t>(), p_delta,
+                                sel.const_data_ptr<int32_t>(), static_cast<scalar_t>(scale),
+                                dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
+                                dv.mutable_data_ptr<scalar_t>());
     });
   }
   return {like_layout(dq, q, q.scalar_type(), 2), like_layout(dk, k, k.scalar_type(), 2),
@@ -488,6 +616,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_bwd_cpu(
 }
 
 }  // namespace
+
+void set_routed_attention_bwd_workspace(int64_t bytes) { g_workspace_override = bytes < 0 ? -1 : bytes; }
+
+RoutedAttentionBwdStats routed_attention_bwd_stats() {
+  return {workspace_budget(), g_stat_phases.load(), g_stat_buffered_phases.load(), g_stat_workspace_bytes.load()};
+}
+
 }  // namespace cpu
 }  // namespace routing_kernels
 

@@ -1,8 +1,8 @@
 // CUDA kernel of routing_kernels::chunk_mean_fwd (contract in include/routing_kernels/chunk_mean.h).
+#include <routing_kernels/accum.h>
 #include <routing_kernels/chunk_mean.h>
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -24,7 +24,7 @@ template <typename scalar_t, bool IS_VARLEN>
 __global__ void chunk_mean_kernel(const scalar_t* __restrict__ x, const int32_t* __restrict__ cu_seqlens,
                                   scalar_t* __restrict__ out, int64_t seqlen, int64_t num_chunks, int64_t row,
                                   int64_t num_tiles, int64_t chunk_size, int64_t num_items) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = accum_t<scalar_t>;
   for (int64_t item = blockIdx.x; item < num_items; item += gridDim.x) {
     const int64_t i_sc = item / num_tiles;  // (sequence, chunk) pair = row of out
     const int64_t j = (item % num_tiles) * blockDim.x + threadIdx.x;

@@ -11,7 +11,6 @@
 #include <routing_kernels/chunk_route.h>
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -93,9 +92,9 @@ Geometry geometry(const ChunkMeanShape& sh, int64_t chunk_size, int64_t max_seql
 template <typename scalar_t, int VEC, bool IS_BWD>
 void launch_reduce(const ChunkMeanShape& sh, const Geometry& g, int sms, const scalar_t* x, const scalar_t* dy,
                    const int32_t* cu, const scalar_t* vec, int64_t vec_seq_stride,
-                   const at::opmath_type<scalar_t>* extra, at::opmath_type<scalar_t> alpha,
-                   at::opmath_type<scalar_t> empty_value, at::opmath_type<scalar_t>* means,
-                   at::opmath_type<scalar_t>* out, cudaStream_t stream) {
+                   const accum_t<scalar_t>* extra, accum_t<scalar_t> alpha,
+                   accum_t<scalar_t> empty_value, accum_t<scalar_t>* means,
+                   accum_t<scalar_t>* out, cudaStream_t stream) {
   const ReduceTiling tl = reduce_tiling(sh, g.longest_chunk, VEC, sms);
   TORCH_INTERNAL_ASSERT(tl.token_groups * tl.tile_vecs * VEC <= ReduceSlots<VEC>::value && tl.threads <= 1024);
   if (tl.num_items == 0) return;
@@ -113,8 +112,8 @@ void launch_reduce(const ChunkMeanShape& sh, const Geometry& g, int sms, const s
 // Pass 3 launcher; IS_BWD adds the per-chunk row rebuilt from ds, q and dsummary.
 template <typename scalar_t, int VEC, bool IS_BWD>
 void launch_scale(const ChunkMeanShape& sh, const Geometry& g, const scalar_t* src, scalar_t* out, const int32_t* cu,
-                  const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* ds, const scalar_t* q,
-                  int64_t q_seq_stride, const scalar_t* dsummary, at::opmath_type<scalar_t> scale,
+                  const accum_t<scalar_t>* w, const accum_t<scalar_t>* ds, const scalar_t* q,
+                  int64_t q_seq_stride, const scalar_t* dsummary, accum_t<scalar_t> scale,
                   cudaStream_t stream) {
   const int64_t row_vecs = g.row / VEC;
   const int64_t threads = std::clamp<int64_t>(round_up(row_vecs, 32), 32, SCALE_THREADS);
@@ -152,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_route_fwd_cuda(const at::Te
   const ChunkMeanShape sh = prepare(x, query, chunk_size, cu_seqlens, max_seqlen);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t S = sh.num_seqs, M = sh.num_chunks, H = sh.num_heads, D = sh.head_dim;
-  const auto acc_opts = x.options().dtype(accum_type(x));
+  const auto acc_opts = x.options().dtype(accum_type(x.scalar_type()));
   at::Tensor y = at::empty(x.sizes(), x.options());
   at::Tensor weights = at::empty({S, H, M}, acc_opts);
   at::Tensor summary = at::empty({S, H, D}, x.options());
@@ -170,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_route_fwd_cuda(const at::Te
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "chunk_route_fwd_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = accum_t<scalar_t>;
     constexpr int VEC = 16 / sizeof(scalar_t);
     const scalar_t* p_x = x_c.const_data_ptr<scalar_t>();
     const scalar_t* p_q = q_c.const_data_ptr<scalar_t>();
@@ -208,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor> chunk_route_bwd_cuda(const at::Tensor& dy, co
   const int64_t S = sh.num_seqs, M = sh.num_chunks, H = sh.num_heads, D = sh.head_dim;
   check_chunk_route_grads(dy, dweights, dsummary, weights, x, sh);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const auto acc_opts = x.options().dtype(accum_type(x));
+  const auto acc_opts = x.options().dtype(accum_type(x.scalar_type()));
   at::Tensor dx = at::empty(x.sizes(), x.options());
   at::Tensor dquery = at::empty({S, H, D}, acc_opts);
   if (x.numel() == 0) {  // no tokens (or no values): dx is empty, and no chunk reaches the query
@@ -218,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor> chunk_route_bwd_cuda(const at::Tensor& dy, co
     at::Tensor dw = at::empty({S, H, M}, acc_opts);  // dw after pass 1, ds after pass 2
     const at::Tensor x_c = x.contiguous(), dy_c = dy.contiguous(), q_c = query.contiguous();
     const at::Tensor w_c = weights.contiguous(), dsum_c = dsummary.contiguous();
-    const at::Tensor dweights_c = dweights.to(accum_type(x)).contiguous();
+    const at::Tensor dweights_c = dweights.to(accum_type(x.scalar_type())).contiguous();
     const at::Tensor cu = sh.varlen ? cu_seqlens->contiguous() : at::Tensor();
     const int32_t* p_cu = sh.varlen ? cu.const_data_ptr<int32_t>() : nullptr;
     const Geometry g = geometry(sh, chunk_size, max_seqlen);
@@ -226,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor> chunk_route_bwd_cuda(const at::Tensor& dy, co
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "chunk_route_bwd_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+      using acc_t = accum_t<scalar_t>;
       constexpr int VEC = 16 / sizeof(scalar_t);
       const scalar_t* p_x = x_c.const_data_ptr<scalar_t>();
       const scalar_t* p_dy = dy_c.const_data_ptr<scalar_t>();

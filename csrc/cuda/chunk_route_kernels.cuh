@@ -133,10 +133,10 @@ template <typename scalar_t, int VEC, bool IS_VARLEN, bool IS_BWD>
 __global__ void __launch_bounds__(VEC == 1 ? 1024 : 256)
     reduce_chunks_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
                          const int32_t* __restrict__ cu, const scalar_t* __restrict__ vec, int64_t vec_seq_stride,
-                         const at::opmath_type<scalar_t>* __restrict__ extra, at::opmath_type<scalar_t> alpha,
-                         at::opmath_type<scalar_t> empty_value, at::opmath_type<scalar_t>* __restrict__ means,
-                         at::opmath_type<scalar_t>* __restrict__ out, Geometry g, ReduceTiling tl) {
-  using acc_t = at::opmath_type<scalar_t>;
+                         const accum_t<scalar_t>* __restrict__ extra, accum_t<scalar_t> alpha,
+                         accum_t<scalar_t> empty_value, accum_t<scalar_t>* __restrict__ means,
+                         accum_t<scalar_t>* __restrict__ out, Geometry g, ReduceTiling tl) {
+  using acc_t = accum_t<scalar_t>;
   constexpr int SLOTS = ReduceSlots<VEC>::value;
   __shared__ acc_t s_sum[SLOTS];               // [group][value] partial sums, then each value's product
   __shared__ acc_t s_dot[IS_BWD ? SLOTS : 1];  // [group][value] partial <dy, x>
@@ -256,10 +256,10 @@ __device__ void weighted_chunk_sum(const acc_t* coef, const acc_t* __restrict__ 
 // Forward: scores -> weights in place (softmax over the row's M chunks), summary[s, h] = sum_i w_i mean_i.
 template <typename scalar_t>
 __global__ void __launch_bounds__(SOFTMAX_THREADS)
-    softmax_summary_kernel(at::opmath_type<scalar_t>* __restrict__ weights,
-                           const at::opmath_type<scalar_t>* __restrict__ means, scalar_t* __restrict__ summary,
+    softmax_summary_kernel(accum_t<scalar_t>* __restrict__ weights,
+                           const accum_t<scalar_t>* __restrict__ means, scalar_t* __restrict__ summary,
                            Geometry g, int64_t num_rows) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = accum_t<scalar_t>;
   __shared__ acc_t s_warp[32];
   __shared__ acc_t s_part[SOFTMAX_THREADS];
   const int64_t H = g.num_heads, D = g.head_dim, M = g.num_chunks;
@@ -326,11 +326,11 @@ struct ScaleTiling {
 template <typename scalar_t, int VEC, bool IS_VARLEN, bool IS_BWD>
 __global__ void __launch_bounds__(SCALE_THREADS)
     scale_chunks_kernel(const scalar_t* __restrict__ src, scalar_t* __restrict__ out, const int32_t* __restrict__ cu,
-                        const at::opmath_type<scalar_t>* __restrict__ w,
-                        const at::opmath_type<scalar_t>* __restrict__ ds, const scalar_t* __restrict__ q,
-                        int64_t q_seq_stride, const scalar_t* __restrict__ dsummary, at::opmath_type<scalar_t> scale,
+                        const accum_t<scalar_t>* __restrict__ w,
+                        const accum_t<scalar_t>* __restrict__ ds, const scalar_t* __restrict__ q,
+                        int64_t q_seq_stride, const scalar_t* __restrict__ dsummary, accum_t<scalar_t> scale,
                         Geometry g, ScaleTiling tl) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = accum_t<scalar_t>;
   const int64_t H = g.num_heads, D = g.head_dim, M = g.num_chunks, row = g.row;
   for (int64_t item = blockIdx.x; item < tl.num_items; item += gridDim.x) {
     const int64_t i_tile = item % tl.num_tiles, rest = item / tl.num_tiles;

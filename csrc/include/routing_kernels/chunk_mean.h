@@ -5,10 +5,18 @@
 //
 // out[s, i] is the mean of x over tokens [i * chunk_size, min((i + 1) * chunk_size, L_s)) of sequence s, accumulated
 // in fp32 (fp64 for fp64 input), and 0 where sequence s has no chunk i. Shape logic shared by the CPU and CUDA kernels.
+//
+// chunk_mean_bwd(Tensor grad_mean, Tensor x, int chunk_size, Tensor? cu_seqlens, int max_seqlen) -> Tensor dx
+//
+//   grad_mean (S, M, H, D) as out above, x's dtype, any strides (a .sum() backward hands a stride-0 expanded one);
+//   dx like x (same shape and dtype, contiguous): dx[t] = grad_mean[s, i] / |chunk i| for every token t of chunk i of
+//   sequence s, divided in fp32 (fp64 for fp64) and rounded once to x's dtype. Entries of chunks a sequence lacks
+//   are not read.
 #pragma once
 
 #include <routing_kernels/checks.h>
 
+#include <array>
 #include <optional>
 
 namespace routing_kernels {
@@ -50,6 +58,15 @@ inline ChunkMeanShape check_chunk_mean_args(const at::Tensor& x, int64_t chunk_s
   shape.num_heads = x.size(-2);
   shape.head_dim = x.size(-1);
   return shape;
+}
+
+// grad_mean of chunk_mean_bwd: the forward output's shape (S, M, H, D), x's dtype and device; strides are free.
+inline void check_chunk_mean_grad(const at::Tensor& grad_mean, const at::Tensor& x, const ChunkMeanShape& shape) {
+  check_same_device(grad_mean, x, "grad_mean", "x");
+  const std::array<int64_t, 4> want{shape.num_seqs, shape.num_chunks, shape.num_heads, shape.head_dim};
+  TORCH_CHECK(grad_mean.sizes() == at::IntArrayRef(want) && grad_mean.scalar_type() == x.scalar_type(),
+              "grad_mean must be (S, M, H, D) = ", at::IntArrayRef(want), " in x's dtype ", x.scalar_type(), ", got ",
+              grad_mean.sizes(), " in ", grad_mean.scalar_type());
 }
 
 }  // namespace routing_kernels

@@ -9,6 +9,7 @@
 //   chunks; y and summary in x's dtype. The backward formulas are in routing_kernels/ops/chunk_route/README.md.
 #pragma once
 
+#include <routing_kernels/accum.h>
 #include <routing_kernels/chunk_mean.h>
 
 namespace routing_kernels {
@@ -25,11 +26,6 @@ inline void check_chunk_route_query(const at::Tensor& query, const at::Tensor& x
               "), got ", query.sizes());
 }
 
-// Accumulation dtype of the kernels and of the weights output: fp64 for fp64 x, else fp32.
-inline at::ScalarType accum_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // The gradients and saved weights chunk_route_bwd receives: devices, shapes and dtypes, named in the message.
 inline void check_chunk_route_grads(const at::Tensor& dy, const at::Tensor& dweights, const at::Tensor& dsummary,
                                     const at::Tensor& weights, const at::Tensor& x, const ChunkMeanShape& sh) {
@@ -39,8 +35,8 @@ inline void check_chunk_route_grads(const at::Tensor& dy, const at::Tensor& dwei
   check_same_device(dsummary, x, "dsummary", "x");
   check_same_device(weights, x, "weights", "x");
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "dy must match x, got ", dy.sizes());
-  TORCH_CHECK(weights.sizes() == at::IntArrayRef({S, H, M}) && weights.scalar_type() == accum_type(x),
-              "weights must be (S, H, M) = (", S, ", ", H, ", ", M, ") in ", accum_type(x), ", got ", weights.sizes());
+  TORCH_CHECK(weights.sizes() == at::IntArrayRef({S, H, M}) && weights.scalar_type() == accum_type(x.scalar_type()),
+              "weights must be (S, H, M) = (", S, ", ", H, ", ", M, ") in ", accum_type(x.scalar_type()), ", got ", weights.sizes());
   TORCH_CHECK(dweights.sizes() == weights.sizes(), "dweights must match weights, got ", dweights.sizes());
   TORCH_CHECK(dsummary.sizes() == at::IntArrayRef({S, H, D}) && dsummary.scalar_type() == x.scalar_type(),
               "dsummary must be (S, H, D) in x's dtype, got ", dsummary.sizes());

@@ -15,6 +15,7 @@
 // are in routing_kernels/ops/routed_attention/README.md. Shape logic shared by the kernels of every device.
 #pragma once
 
+#include <routing_kernels/accum.h>
 #include <routing_kernels/chunk_mean.h>
 
 #include <optional>
@@ -42,10 +43,6 @@ struct SeqSpan {
 inline SeqSpan seq_span(const RoutedShape& shape, const int32_t* cu, int64_t s) {
   if (!cu) return {s * shape.seqlen, shape.seqlen};
   return {int64_t{cu[s]}, int64_t{cu[s + 1]} - int64_t{cu[s]}};
-}
-
-inline at::ScalarType routed_acc_type(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // Same device, dtype, layout rank and tokens as q.
@@ -119,6 +116,18 @@ namespace cpu {
 // cpu/route_chunks.cpp; the routed_attention kernels call it to (re)compute the selection.
 at::Tensor route_chunks_acc(const at::Tensor& q_acc, const at::Tensor& k_acc, const RoutedShape& shape,
                             const int32_t* cu, int64_t chunk_size, int64_t top_k, bool causal);
+
+// The CPU backward's workspace (cpu/routed_attention.cpp): the dQ shares of the chunks it processes together stay
+// within a budget of ROUTING_KERNELS_CPU_BWD_WORKSPACE_MB megabytes (default 256). Results do not depend on it.
+// Tests force another budget (bytes; -1 goes back to the environment's) and read what the last call used.
+void set_routed_attention_bwd_workspace(int64_t bytes);
+struct RoutedAttentionBwdStats {
+  int64_t budget_bytes;     // the budget in force
+  int64_t phases;           // last call: phases (ranges of chunk indices processed together)
+  int64_t buffered_phases;  // last call: phases of several chunk indices (their shares in a buffer)
+  int64_t workspace_bytes;  // last call: the share buffer and the phase index, as allocated
+};
+RoutedAttentionBwdStats routed_attention_bwd_stats();
 }  // namespace cpu
 
 }  // namespace routing_kernels
