@@ -51,6 +51,7 @@ constexpr int64_t KEY_BLOCK = 64;
 // Below this many (row, kv head, chunk) tasks, chunks are split into key ranges (16 = 8 per core on 2 cores, enough
 // for the atomic counter to even out a partial last chunk; more splits only add partials to merge).
 constexpr int64_t MIN_TASKS = 16;
+constexpr int64_t GATE_PREFETCH = 8;   // chunk sums prefetched ahead of the gate's means
 constexpr int64_t PREFETCH_ROWS = 64;  // rows prefetched ahead: 32 KB of K and of V at D = 128 fp32 (see prefetch_rows_l2)
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -444,6 +445,9 @@ class DecodeRun {
     for (int64_t j = 0; j < n && want_ > 0; ++j) {
       // Causal: chunk j is a candidate of query i iff j < own_i; the last query's own chunk is the largest.
       if (causal_ && j >= (len - 1) / C) break;
+      if (j + GATE_PREFETCH < n)  // the sums of one head are strided like K (Hkv * D apart): prefetch ahead
+        prefetch_rows_l2(ks_ + b * ks_stride_[0] + (j + GATE_PREFETCH) * ks_stride_[1] + hk * ks_stride_[2], 0,
+                         ks_stride_[3] == 1 ? D : 1, 0, 1);
       chunk_mean_row(ks_ + b * ks_stride_[0] + j * ks_stride_[1] + hk * ks_stride_[2], ks_stride_[3], D,
                      static_cast<acc_t>(std::min(C, len - j * C)), mean);
       for (int64_t i = 0; i < Lq; ++i) {
