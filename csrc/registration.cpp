@@ -26,4 +26,9 @@ TORCH_LIBRARY_FRAGMENT(routing_kernels, m) {
       "routed_attention_bwd(Tensor do, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse,"
       " int chunk_size, int top_k, bool causal, Tensor? cu_seqlens, int max_seqlen, float scale)"
       " -> (Tensor, Tensor, Tensor)");
+  // Routed attention of the last Lq queries of each row of a KV cache (decode), gate on the cache's chunk key sums;
+  // see include/routing_kernels/routed_decode.h. Forward only.
+  m.def(
+      "routed_decode_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor key_sums, Tensor seqused_k, int chunk_size,"
+      " int top_k, bool causal, float scale) -> (Tensor, Tensor)");
 }

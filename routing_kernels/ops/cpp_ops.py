@@ -62,8 +62,13 @@ def _register_fakes():
     def routed_attention_bwd(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale):
         return _contiguous_like(q), _contiguous_like(k), _contiguous_like(v)
 
+    def routed_decode_fwd(q, k_cache, v_cache, key_sums, seqused_k, chunk_size, top_k, causal, scale):
+        torch._check(q.dim() == 4 and v_cache.dim() == 4, lambda: "q and v_cache must be 4-D (B, Lq, Hq, D)")
+        return (q.new_empty((*q.shape[:-1], v_cache.shape[-1])),
+                q.new_empty(q.shape[:-1], dtype=accum_dtype(q.dtype)))
+
     for fn in (chunk_mean_fwd, chunk_mean_bwd, chunk_route_fwd, chunk_route_bwd, route_chunks_fwd,
-               routed_attention_fwd, routed_attention_bwd):
+               routed_attention_fwd, routed_attention_bwd, routed_decode_fwd):
         if _declared(fn.__name__):
             torch.library.register_fake(_NS + fn.__name__, fn)
 
@@ -112,7 +117,8 @@ def _register_autograd():
     for name in ("chunk_mean_bwd", "chunk_route_bwd", "routed_attention_bwd"):
         if _declared(name):
             torch.library.register_autograd(_NS + name, _no_double_backward(name))
-    # route_chunks_fwd returns int32 indices: nothing to differentiate.
+    # route_chunks_fwd returns int32 indices: nothing to differentiate. routed_decode_fwd is a forward kernel only
+    # (no autograd here): routed_attention's op layer sends its gradients to the reference backward.
 
 
 if _ext.HAS_C:
