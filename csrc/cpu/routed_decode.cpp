@@ -603,7 +603,7 @@ std::tuple<at::Tensor, at::Tensor> routed_decode_fwd_cpu(const at::Tensor& q, co
                 "capacity] = [", sh.q_len, ", ", sh.capacity, "]: the ", sh.q_len, " queries are the last positions of "
                 "the row's keys");
   }
-  const auto acc = routed_acc_type(q.scalar_type());
+  const auto acc = accum_type(q.scalar_type());
   const at::Tensor q_acc = q.detach().to(acc).contiguous();  // (B, Lq, Hq, D): small, the gate and the tasks read it
   at::Tensor o = empty_cpu_output({sh.batch, sh.q_len, sh.q_heads, sh.v_dim}, q_acc.options());
   at::Tensor lse = empty_cpu_output({sh.batch, sh.q_len, sh.q_heads}, q_acc.options());

@@ -44,6 +44,10 @@ def _register_fakes():
         return x.new_empty(_lengths_shape(x, chunk_size, cu_seqlens, max_seqlen))
 
     def chunk_mean_bwd(grad_mean, x, chunk_size, cu_seqlens, max_seqlen):
+        # grad_mean (S, M, H, D) in x's dtype, any strides; max_seqlen is N for a dense x
+        want = _lengths_shape(x, chunk_size, cu_seqlens, max_seqlen)
+        torch._check(tuple(grad_mean.shape) == tuple(want),
+                     lambda: f"grad_mean must be (S, M, H, D) = {tuple(want)}, got {tuple(grad_mean.shape)}")
         return _contiguous_like(x)
 
     def chunk_route_fwd(x, query, chunk_size, cu_seqlens, max_seqlen, scale):

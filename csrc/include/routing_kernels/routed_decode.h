@@ -77,7 +77,7 @@ inline DecodeShape check_routed_decode_args(const at::Tensor& q, const at::Tenso
   sh.v_dim = v_cache.size(3);
   sh.num_chunks = ceil_div(sh.capacity, chunk_size);
   check_same_device(key_sums, q, "key_sums", "q");
-  const auto acc = routed_acc_type(q.scalar_type());
+  const auto acc = accum_type(q.scalar_type());
   TORCH_CHECK(key_sums.scalar_type() == acc, "key_sums must be in the accumulation type ", acc, " (fp64 for fp64 q, "
               "else fp32), got ", key_sums.scalar_type());
   TORCH_CHECK(key_sums.sizes() == at::IntArrayRef({sh.batch, sh.num_chunks, sh.kv_heads, sh.head_dim}),

@@ -94,8 +94,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, cu_seqlens)
     ctx.chunk_size, ctx.max_seqlen = chunk_size, max_seqlen
     ctx.backend = BACKWARD_OF[backend_for(x, backend)]
-    if ctx.backend == "cpu" and not _ext.has_kernel("chunk_mean_bwd", "cpu"):  # TEMP until the C++ kernel lands
-        ctx.backend = "reference"
 
 
 def _backward(ctx, grad_mean):
