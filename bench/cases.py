@@ -207,7 +207,7 @@ def _cpu_cases(device: str, full: bool) -> list:
     """The issue's "H=8" read both ways: MHA (Hkv=8) and GQA 8:2. Target case: chunk_route B=4, N=8192,
     H=8, D=64, C=128, fp32."""
     lengths = {"chunk_mean": (1024, 8192), "chunk_route": (1024, 8192),
-               "route_chunks": (4096, 16384), "routed_attention": (4096, 16384)}
+               "route_chunks": (4096, 16384), "routed_attention": (256, 1024, 4096, 16384)}
 
     def sized_away(op, n, hkv=None) -> tuple:
         away = {}

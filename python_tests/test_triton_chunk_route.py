@@ -90,8 +90,9 @@ def test_triton_backend_refuses_float64():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_chunk_route_triton_large(dtype):
-    # 2^27 elements (256 MB in bf16) with a varlen batch: grid sizes and int64 offsets at scale.
-    x = torch.randn(2**27 // (16 * 128), 16, 128, device="cuda", dtype=dtype)
+    # 2^31 + 2^22 elements (4.3 GB in bf16) with a varlen batch: element offsets pass 2^31, so an int32 offset
+    # anywhere in the kernels reads the wrong rows (or faults) and fails this.
+    x = torch.randn((2**31 + 2**22) // (16 * 128), 16, 128, device="cuda", dtype=dtype)
     cu = torch.tensor([0, 1, 40_000, 40_000, x.shape[0]], device="cuda", dtype=torch.int32)
     query = torch.randn(4, 16, 128, device="cuda", dtype=dtype)
     outs = [rk.chunk_route(x, query, 1000, cu_seqlens=cu, backend=b) for b in ("triton", "reference")]
