@@ -56,6 +56,21 @@ def test_chunk_mean_bwd_larger(case, poison):
     _check(_grad(layout, x, cs, ms, torch.float32), x, cs, cu, ms)
 
 
+@pytest.mark.parametrize("case", [
+    ("aligned_rows", {"B": 2, "N": 8200}, 8, 64, torch.float32, 128),          # 34 MB, 2 KB rows
+    ("odd_rows", {"lengths": [300001, 0, 299999]}, 3, 5, torch.float16, 127),  # 18 MB, 30-byte rows
+], ids=lambda c: c[0])
+def test_chunk_mean_bwd_streaming_stores(case, poison):
+    # dx of 16 MB and more is written with streaming stores (16-byte aligned, head and tail of a row plain): every
+    # element of dx still written, and exactly, against the eager reference (itself checked against the brute force).
+    _, layout, heads, dim, dtype, cs = case
+    x, cu, ms = make(layout, heads, dim, dtype=dtype)
+    assert x.nbytes >= 16 << 20
+    g = _grad(layout, x, cs, ms, dtype)
+    assert torch.equal(ops.chunk_mean_bwd(g, x, cs, cu, 0 if ms is None else ms),
+                       chunk_mean_backward_ref(g, x, cs, cu, ms))
+
+
 def test_chunk_mean_bwd_strided_and_expanded_grad(poison):
     # A .sum() backward hands a stride-0 expanded grad_mean; also a permuted view and a stepped slice.
     x, cu, ms = make({"lengths": [7, 0, 16, 3]}, heads=4, dim=6)

@@ -10,7 +10,13 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
+#include <cstring>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace routing_kernels {
 namespace {
@@ -77,10 +83,41 @@ at::Tensor chunk_mean_fwd_cpu(const at::Tensor& x, int64_t chunk_size, const std
   return out;
 }
 
+// Streaming (non-temporal) stores for outputs far larger than the cache: a plain store first reads the line it
+// writes (read-for-ownership), so writing dx costs twice its size in DRAM traffic; a streaming store skips the read.
+// Measured at B=4 N=8192 H=8 D=64 fp32 (64 MB dx; 2-core Xeon VM under load, copy 6.4 GB/s): plain stores 1.51x
+// the copy floor (bytes read + written at copy speed), streaming 0.97x. Smaller outputs keep plain stores: their
+// consumer may still find them in cache, which streaming would bypass.
+constexpr int64_t STREAM_MIN_BYTES = 16 << 20;  // half of a server L3 (32 MB here)
+
+// dst[0, bytes) = src[0, bytes); with `stream`, 16-byte streaming stores (SSE2, every x86-64) where dst is aligned.
+inline void copy_bytes(char* dst, const char* src, size_t bytes, bool stream) {
+#if defined(__SSE2__)
+  if (stream) {
+    const size_t head = std::min(bytes, (16 - (reinterpret_cast<uintptr_t>(dst) & 15)) & 15);
+    std::memcpy(dst, src, head);
+    size_t i = head;
+    for (; i + 16 <= bytes; i += 16) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    }
+    std::memcpy(dst + i, src + i, bytes - i);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, bytes);
+}
+
+// Streaming stores are weakly ordered: fence them before the thread's work counts as done.
+inline void fence_streaming_stores() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 // Backward, one work item per (sequence, chunk): the chunk's row of dx, grad_mean[s, i] / count (H * D values, read
 // through grad_mean's strides: it is small, M / N of dx), is computed once and copied to each of the chunk's tokens.
-// So dx is written once with whole-row copies (memcpy), which is all the traffic there is: at B=4 N=8192 H=8 D=64
-// fp32 64 MB of dx against 0.5 MB of grad_mean.
+// So dx is written once with whole-row copies, which is all the traffic there is: at B=4 N=8192 H=8 D=64 fp32 64 MB
+// of dx against 0.5 MB of grad_mean.
 template <typename scalar_t>
 void chunk_mean_bwd_cpu_kernel(const scalar_t* grad_mean, std::array<int64_t, 4> g_stride, const int32_t* cu_seqlens,
                                scalar_t* dx, const ChunkMeanShape& shape, int64_t chunk_size) {
@@ -89,6 +126,8 @@ void chunk_mean_bwd_cpu_kernel(const scalar_t* grad_mean, std::array<int64_t, 4>
   const int64_t num_items = shape.num_seqs * shape.num_chunks;
   // Each item writes up to chunk_size * row values.
   const int64_t grain = std::max<int64_t>(1, GRAIN_VALUES / std::max<int64_t>(1, chunk_size * row));
+  const bool stream = shape.num_tokens * row * static_cast<int64_t>(sizeof(scalar_t)) >= STREAM_MIN_BYTES;
+  const size_t row_bytes = static_cast<size_t>(row) * sizeof(scalar_t);
 
   at::parallel_for(0, num_items, grain, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> b_row(row);  // [H * D]
@@ -105,8 +144,12 @@ void chunk_mean_bwd_cpu_kernel(const scalar_t* grad_mean, std::array<int64_t, 4>
       for (int64_t h = 0; h < H; ++h)
         for (int64_t d = 0; d < D; ++d)
           b_row[h * D + d] = static_cast<scalar_t>(static_cast<acc_t>(p_g[h * g_stride[2] + d * g_stride[3]]) / count);
-      for (int64_t t = 0; t < n; ++t) std::copy_n(b_row.data(), row, dx + (o_t + t) * row);
+      for (int64_t t = 0; t < n; ++t) {
+        copy_bytes(reinterpret_cast<char*>(dx + (o_t + t) * row), reinterpret_cast<const char*>(b_row.data()),
+                   row_bytes, stream);
+      }
     }
+    if (stream) fence_streaming_stores();
   });
 }
 
