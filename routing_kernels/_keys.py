@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._validation import _fail, check_cu_seqlens_shape, check_cu_seqlens_values, check_int
+from ._validation import _fail, check_cu_seqlens_shape, check_int
 
 
 class Keys(NamedTuple):
