@@ -162,8 +162,8 @@ def _reference_too_big(b, hq, n) -> tuple:
 
 
 def default_cases(device: str, quick: bool = False, full: bool = False) -> list:
-    """The benchmark matrix for a device ("cpu" or "cuda"). CPU: the default fits 8 minutes on a 2-core
-    VM; full=True is the long matrix (~20 minutes there). GPU: one matrix (gpu_check.sh budgets it)."""
+    """The benchmark matrix for a device ("cpu" or "cuda"). CPU: the default fits 5 minutes on a 2-core
+    VM; full=True is the long matrix (~25 minutes there). GPU: one matrix (gpu_check.sh budgets it)."""
     cuda = device.startswith("cuda")
     if quick:  # seconds-long smoke run
         dt = torch.bfloat16 if cuda else torch.float32
@@ -194,6 +194,14 @@ def default_cases(device: str, quick: bool = False, full: bool = False) -> list:
 # 1.4 s per call at 4K and ~28 s at 16K (dense SDPA: 0.12 s / 1.9 s), plus ~35 s of compilation per case.
 _FLEX_CPU_16K = "FlexAttention on CPU: ~28 s per call at N=16384 (per-token routing makes its block mask dense); --full runs it"
 _FLEX_CPU_MHA = "FlexAttention on CPU: ~20 s of compilation + 1.4-3 s per call per case; the default runs the GQA case; --full runs it"
+# At N <= 1024 (C=512, top_k=4) routing covers every chunk: ours runs dense SDPA, and flex adds ~20 s of compilation
+_FLEX_CPU_DENSE = "FlexAttention on CPU: ~20 s of compilation per case; at N <= 2 chunks routing covers everything (ours = dense SDPA); --full runs it"
+# Dense SDPA's backward alone at 16K: ~6 s per call on an idle 2-core EPYC (36 s per measurement); its fwd and
+# fwd+bwd rows (a training step) are measured, and bwd ~ fwd+bwd - fwd.
+_SDPA_CPU_BWD_16K = "dense SDPA backward alone at N=16384: ~6 s per call on CPU; its fwd and fwd+bwd are measured; --full runs it"
+# Only our kernel at 64K: the peak memory of the CPU backward (bounded workspace) is what this row is for; dense
+# SDPA would take ~35 s (fwd) to ~2 min (fwd+bwd) per call there.
+_SDPA_CPU_64K = "dense SDPA at N=65536 on CPU: ~35 s (fwd) to ~2 min (fwd+bwd) per call; this row reports our time and peak memory"
 # The eager reference of routed_attention at 4K costs 3.5 s (fwd) to 8 s (fwd+bwd) per call here: 6 of the
 # default run's 8 minutes for one column that dense SDPA beats 30x. --full measures it.
 _REF_CPU_4K = "eager reference of routed_attention: 3.5-8 s per call at N=4096 on CPU; --full runs it"
@@ -208,19 +216,26 @@ def _cpu_cases(device: str, full: bool) -> list:
     H=8, D=64, C=128, fp32."""
     lengths = {"chunk_mean": (1024, 8192), "chunk_route": (1024, 8192),
                "route_chunks": (4096, 16384), "routed_attention": (256, 1024, 4096, 16384)}
+    if full:  # the peak memory of the CPU backward at 64K (its workspace is bounded, whatever N)
+        lengths["routed_attention"] += (65536,)
 
     def sized_away(op, n, hkv=None) -> tuple:
         away = {}
         if op == "routed_attention" and n > 4096:  # memory: 8.6 GB of scores at 16K, on every run
             away.update(_reference_too_big(1, 8, n))
-        if not full:  # time: the default run fits 8 minutes
+        if op == "routed_attention" and n > 16384:
+            away.update(sdpa=_SDPA_CPU_64K, flex=_SDPA_CPU_64K)
+        if not full:  # time: the default run fits 5 minutes
             if op == "routed_attention":
                 away.setdefault("eager", _REF_CPU_4K)
                 away.setdefault("compile", _REF_CPU_4K)
                 if n > 4096:
                     away["flex"] = _FLEX_CPU_16K
+                    away["sdpa:bwd"] = _SDPA_CPU_BWD_16K
                 elif hkv == 8:
                     away["flex"] = _FLEX_CPU_MHA
+                elif n < 4096:
+                    away["flex"] = _FLEX_CPU_DENSE
             elif n < max(lengths[op]):
                 away["compile"] = _COMPILE_CPU
         return tuple(away.items())

@@ -115,3 +115,20 @@ def test_a_broken_provider_is_recorded_and_fails_the_check(tmp_path, monkeypatch
         next(tmp_path.glob("*.md")).read_text()
     with pytest.raises(AssertionError, match="failed"):
         check_rows(rows, "cpu", providers=("eager", "ours"), ops=("chunk_mean",))
+
+
+def test_flex_runs_when_the_sequence_is_shorter_than_a_chunk():
+    """The default CPU matrix has routed_attention at N=256 with C=512: a block mask of one partial block. Built
+    compiled, Inductor's CPU code for it did not compile (torch 2.14.1, AVX2), so flex failed there."""
+    pytest.importorskip("routing_kernels")
+    import torch
+
+    import routing_kernels
+    from bench.cases import Case
+    from bench.providers import PROVIDERS
+
+    case = Case("routed_attention", 1, 48, 4, 16, 64, torch.float32, "cpu", hkv=2, top_k=2)
+    q, k, v = (t.detach() for t in case.make_inputs())
+    got = PROVIDERS["flex"].build(case)(q, k, v)
+    want = routing_kernels.routed_attention(q, k, v, **case.call_kwargs())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
