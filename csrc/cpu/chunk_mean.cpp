@@ -23,6 +23,19 @@ namespace {
 
 constexpr int64_t GRAIN_VALUES = 32768;  // x values per parallel task, ATen's usual grain (at::internal::GRAIN_SIZE)
 
+// The tokens of work item `item` = (sequence, chunk) of the forward and backward kernels: the packed index of the
+// chunk's first token and how many tokens it has (<= 0: the sequence is too short to have that chunk).
+struct ChunkSpan {
+  int64_t first, count;
+};
+
+inline ChunkSpan chunk_span(int64_t item, const int32_t* cu_seqlens, const ChunkMeanShape& shape, int64_t chunk_size) {
+  const int64_t i_s = item / shape.num_chunks, i_c = item % shape.num_chunks;
+  const int64_t bos = cu_seqlens ? int64_t{cu_seqlens[i_s]} : i_s * shape.seqlen;
+  const int64_t len = cu_seqlens ? int64_t{cu_seqlens[i_s + 1]} - bos : shape.seqlen;
+  return {bos + i_c * chunk_size, std::min(chunk_size, len - i_c * chunk_size)};
+}
+
 // One work item per (sequence, chunk): sum the chunk's token rows, then divide. A token's H * D values are
 // contiguous, so the inner loops run over one flat row. They are plain loops, which GCC 12 vectorizes at -O3 (setup.py
 // and CMake's Release build pass it; -fopt-info-vec shows 3 of the 4 dtypes vectorized, float16's conversion stays
@@ -40,12 +53,7 @@ void chunk_mean_cpu_kernel(const scalar_t* x, const int32_t* cu_seqlens, scalar_
   at::parallel_for(0, num_items, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(row);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t i_s = item / shape.num_chunks;
-      const int64_t i_c = item % shape.num_chunks;
-      const int64_t bos = cu_seqlens ? int64_t{cu_seqlens[i_s]} : i_s * shape.seqlen;
-      const int64_t len = cu_seqlens ? int64_t{cu_seqlens[i_s + 1]} - bos : shape.seqlen;
-      const int64_t o_t = bos + i_c * chunk_size;                     // first token of the chunk
-      const int64_t n = std::min(chunk_size, len - i_c * chunk_size);  // tokens in it; <= 0: no such chunk
+      const auto [o_t, n] = chunk_span(item, cu_seqlens, shape, chunk_size);  // first token, tokens (<= 0: none)
       scalar_t* p_out = out + item * row;
       if (n <= 0) {
         std::fill(p_out, p_out + row, scalar_t(0));
@@ -132,14 +140,10 @@ void chunk_mean_bwd_cpu_kernel(const scalar_t* grad_mean, std::array<int64_t, 4>
   at::parallel_for(0, num_items, grain, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> b_row(row);  // [H * D]
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t i_s = item / shape.num_chunks;
-      const int64_t i_c = item % shape.num_chunks;
-      const int64_t bos = cu_seqlens ? int64_t{cu_seqlens[i_s]} : i_s * shape.seqlen;
-      const int64_t len = cu_seqlens ? int64_t{cu_seqlens[i_s + 1]} - bos : shape.seqlen;
-      const int64_t o_t = bos + i_c * chunk_size;                     // first token of the chunk
-      const int64_t n = std::min(chunk_size, len - i_c * chunk_size);  // tokens in it; <= 0: no such chunk
+      const auto [o_t, n] = chunk_span(item, cu_seqlens, shape, chunk_size);  // first token, tokens (<= 0: none)
       if (n <= 0) continue;
       const acc_t count = static_cast<acc_t>(n);
+      const int64_t i_s = item / shape.num_chunks, i_c = item % shape.num_chunks;
       const scalar_t* p_g = grad_mean + i_s * g_stride[0] + i_c * g_stride[1];
       for (int64_t h = 0; h < H; ++h)
         for (int64_t d = 0; d < D; ++d)
