@@ -48,7 +48,7 @@ def _check_local(q, k, v, chunk_size, top_k, cu_seqlens, layout) -> None:
         raise ValueError(f"k must have q's head dim and a number of heads dividing q's; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
     if varlen:
-        check_cu_seqlens_shape(cu_seqlens, None, q)
+        check_cu_seqlens_shape(cu_seqlens, 0, q)  # max_seqlen: not an argument here (derived per rank)
         cu = cu_seqlens.detach().to("cpu", torch.int64)
         if cu[0] != 0 or (cu.diff() < 0).any():
             raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu.tolist()[:8]}..")
@@ -143,7 +143,7 @@ def context_parallel_routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_siz
                               block_indices=block_indices.to(torch.int32), scale=scale, return_lse=True,
                               backend=backend)
     if dense:
-        o, lse = o.reshape(*q.shape[:2], hq, -1), lse.reshape(*q.shape[:2], hq)
+        o, lse = o.reshape(*q.shape[:2], hq, v.shape[-1]), lse.reshape(*q.shape[:2], hq)
     return (o, lse) if return_lse else o
 
 

@@ -71,11 +71,10 @@ def all_to_all_rows(x: Tensor, send_splits: list[int], recv_splits: list[int], s
     """Rows x[sum(send_splits[:r]) : ..+send_splits[r]] go to rank r; returns the rows received, by source."""
     rank = dist.get_rank(group)
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    wire = x.contiguous()
-    if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
-        wire, out_wire = wire.view(torch.int16), out.view(torch.int16)  # gloo moves bytes: no dtype support needed
-    else:
-        out_wire = out
+    wire, out_wire = x.contiguous(), out
+    if x.device.type == "cpu" and x.dim() > 1:
+        # gloo moves bytes, but its all-to-all refuses some dtypes (bf16, int16): send the rows as raw bytes
+        wire, out_wire = wire.view(torch.uint8), out.view(torch.uint8)
     dist.all_to_all_single(out_wire, wire, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group)
     row = math.prod(x.shape[1:]) * x.element_size() if x.dim() > 1 else x.element_size()
     _record(step, sum(n for r, n in enumerate(send_splits) if r != rank) * row)
