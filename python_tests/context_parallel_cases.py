@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from routing_kernels import routed_attention, select_chunks
-from routing_kernels.distributed import context_parallel_routed_attention, make_plan, shard, unshard
+from routing_kernels.distributed import (context_parallel_routed_attention, count_bytes, make_plan, shard,
+                                          unshard)
 from routing_kernels.distributed.exchange_plan import plan_exchange
 
 from tolerance import assert_close_scaled  # noqa: E402  (python_tests/ is on sys.path in the workers)
@@ -42,13 +43,15 @@ def _run_case(rank, world, *, tokens, hq, hkv, top_k, causal, layout, dtype, cu=
 
     cut = dict(cu_seqlens=cu, layout=layout)
     local = [shard(x, CHUNK, world, rank, **cut).detach().requires_grad_() for x in (q, k, v)]
-    o = context_parallel_routed_attention(*local, CHUNK, top_k, causal=causal, **cut)
-    torch.autograd.backward(o, shard(w, CHUNK, world, rank, **cut))
+    with count_bytes() as log:
+        o = context_parallel_routed_attention(*local, CHUNK, top_k, causal=causal, **cut)
+        torch.autograd.backward(o, shard(w, CHUNK, world, rank, **cut))
 
     # every collective before the first assertion: a rank that fails must not skip one the others wait in
     plan = make_plan(CHUNK, world, cu_seqlens=cu, seqlen=None if cu is not None else tokens, batch=2, layout=layout)
     flat = [x.detach().reshape(-1, *x.shape[-2:]) for x in local[:2]]
-    sel = plan_exchange(*flat, plan, rank, top_k, causal).selection
+    ex = plan_exchange(*flat, plan, rank, top_k, causal)
+    sel = ex.selection
     back = unshard(o.detach(), CHUNK, cu_seqlens=cu, seqlen=None if cu is not None else tokens, layout=layout)
 
     seq_of_token = torch.repeat_interleave(torch.arange(len(plan.lengths)), torch.tensor(plan.local_lengths(rank)))
@@ -59,6 +62,11 @@ def _run_case(rank, world, *, tokens, hq, hkv, top_k, causal, layout, dtype, cu=
     for name, mine, ref in zip("qkv", local, full):
         assert_close_scaled(mine.grad, shard(ref.grad, CHUNK, world, rank, **cut), dtype, name=f"d{name}")
     assert_close_scaled(back, o_ref.detach(), dtype, name="unshard(o)")
+    # the bytes counted are the plan's rows; never more K/V than ring attention's forward sends
+    row = hkv * 2 * d * q.element_size()
+    assert log.bytes_sent["kv"] == row * sum(n for r, n in enumerate(ex.send_splits) if r != rank), "kv bytes"
+    assert log.bytes_sent["dkv"] == row * sum(n for r, n in enumerate(ex.recv_splits) if r != rank), "dkv bytes"
+    assert log.bytes_sent["kv"] <= (world - 1) * row * flat[1].shape[0], "more K/V than ring attention"
 
 
 def cases(world):
