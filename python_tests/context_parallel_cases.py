@@ -37,14 +37,14 @@ def _run_case(rank, world, *, tokens, hq, hkv, top_k, causal, layout, dtype, cu=
     q, k, v, w = _full_inputs(seed, tokens, hq, hkv, d, dtype, dense)
     var = dict(cu_seqlens=cu, max_seqlen=int(cu.diff().max()) if cu is not None and cu.numel() > 1 else None)
     full = [x.clone().requires_grad_() for x in (q, k, v)]
-    o_ref = routed_attention(*full, CHUNK, top_k, causal=causal, **var)
+    o_ref, lse_ref = routed_attention(*full, CHUNK, top_k, causal=causal, return_lse=True, **var)
     torch.autograd.backward(o_ref, w)
     sel_ref = select_chunks(q, k, CHUNK, top_k, causal=causal, backend="reference", **var)
 
     cut = dict(cu_seqlens=cu, layout=layout)
     local = [shard(x, CHUNK, world, rank, **cut).detach().requires_grad_() for x in (q, k, v)]
     with count_bytes() as log:
-        o = context_parallel_routed_attention(*local, CHUNK, top_k, causal=causal, **cut)
+        o, lse = context_parallel_routed_attention(*local, CHUNK, top_k, causal=causal, return_lse=True, **cut)
         torch.autograd.backward(o, shard(w, CHUNK, world, rank, **cut))
 
     # every collective before the first assertion: a rank that fails must not skip one the others wait in
@@ -59,6 +59,7 @@ def _run_case(rank, world, *, tokens, hq, hkv, top_k, causal, layout, dtype, cu=
     want_sel = shard(sel_ref, CHUNK, world, rank, **cut).long()
     assert torch.equal(torch.where(sel >= 0, sel - base, sel).reshape(want_sel.shape), want_sel), "selection"
     assert_close_scaled(o, shard(o_ref, CHUNK, world, rank, **cut), dtype, name="o")
+    assert_close_scaled(lse, shard(lse_ref, CHUNK, world, rank, **cut), dtype, name="lse")
     for name, mine, ref in zip("qkv", local, full):
         assert_close_scaled(mine.grad, shard(ref.grad, CHUNK, world, rank, **cut), dtype, name=f"d{name}")
     assert_close_scaled(back, o_ref.detach(), dtype, name="unshard(o)")
