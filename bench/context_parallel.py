@@ -88,7 +88,8 @@ def ring_attention(q, k, v, group=None):
                 s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
             blk_lse = s.logsumexp(-1)
             new_lse = torch.logaddexp(lse, blk_lse)
-            out = out * (lse - new_lse).exp()[..., None] + torch.softmax(s, -1) @ vb * (blk_lse - new_lse).exp()[..., None]
+            part = torch.softmax(s, -1) @ vb
+            out = out * (lse - new_lse).exp()[..., None] + part * (blk_lse - new_lse).exp()[..., None]
             lse = new_lse
         if step < world - 1:
             for r in reqs:
@@ -193,15 +194,18 @@ def _markdown(rows, meta):
              "| workload | tokens | W | shape | chunks recv (max) | CP fwd MB (max / mean) | ring fwd MB | "
              "CP/ring fwd (max rank) | CP fwd+bwd MB (max) | ring fwd+bwd MB | CP/ring fwd+bwd (max rank) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["workload"], r["tokens"], r["world"], r["hq"]) for r in rows}, key=lambda x: (x[3], x[0], x[2], x[1]))
+    keys = sorted({(r["workload"], r["tokens"], r["world"], r["hq"]) for r in rows},
+                  key=lambda x: (x[3], x[0], x[2], x[1]))
     for wl, n, w, hq in keys:
         rs = [r for r in rows if (r["workload"], r["tokens"], r["world"], r["hq"]) == (wl, n, w, hq)]
         fwd = [sum(r["cp_plan_bytes"].values()) + r["cp_kv_bytes_fwd"] for r in rs]
         both = [f + r["cp_dkv_bytes_bwd"] for f, r in zip(fwd, rs)]
         ring = rs[0]["ring_kv_bytes_fwd"]
         lines.append(f"| {wl} | {n} | {w} | Hq{hq}/Hkv{rs[0]['hkv']}/D{rs[0]['d']} | "
-                     f"{max(r['chunks_received'] for r in rs)} | {max(fwd) / 1e6:.1f} / {sum(fwd) / len(fwd) / 1e6:.1f} | "
-                     f"{ring / 1e6:.1f} | {max(fwd) / ring:.3f} | {max(both) / 1e6:.1f} | {3 * ring / 1e6:.1f} | {max(both) / (3 * ring):.3f} |")
+                     f"{max(r['chunks_received'] for r in rs)} | "
+                     f"{max(fwd) / 1e6:.1f} / {sum(fwd) / len(fwd) / 1e6:.1f} | "
+                     f"{ring / 1e6:.1f} | {max(fwd) / ring:.3f} | {max(both) / 1e6:.1f} | {3 * ring / 1e6:.1f} | "
+                     f"{max(both) / (3 * ring):.3f} |")
     lines += ["", "K/V bytes RECEIVED per rank (max over ranks), as built (whole chunks, every kv head) and as a "
               "(chunk, kv head) exchange would move them (estimate from the same selections; not built):", "",
               "| workload | tokens | W | shape | recv MB, chunks | recv MB, (chunk, kv head) | ring recv MB (fwd) |",
@@ -244,15 +248,18 @@ def main():
     load0, start = os.getloadavg(), time.time()
     rows = []
     for world in map(int, args.worlds.split(",")):
-        jobs = [(wl, n, False) for wl in args.workloads.split(",") for n in map(int, filter(None, args.lengths.split(",")))]
-        jobs += [(wl, n, True) for wl in args.workloads.split(",") for n in map(int, filter(None, args.timing_lengths.split(",")))]
+        workloads = args.workloads.split(",")
+        lengths = [int(n) for n in args.lengths.split(",") if n]
+        timing = [int(n) for n in args.timing_lengths.split(",") if n]
+        jobs = [(wl, n, False) for wl in workloads for n in lengths] + [(wl, n, True) for wl in workloads for n in timing]
         rows += run(world, jobs, args.chunk, args.top_k, args.reps)
         print(f"world {world} done at {time.time() - start:.0f} s", file=sys.stderr)
     import subprocess
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cpu": f"{_cpu_model()}, {os.cpu_count()} cores", "torch": torch.__version__, "python": platform.python_version(),
+            "cpu": f"{_cpu_model()}, {os.cpu_count()} cores", "torch": torch.__version__,
+            "python": platform.python_version(),
             "git commit": commit, "load average (start / end)": f"{load0} / {os.getloadavg()}",
             "chunk_size / top_k / causal / layout": f"{args.chunk} / {args.top_k} / True / contiguous",
             "dtype": "fp32 (bytes scale with the element size alike for both)", "wall s": round(time.time() - start)}
