@@ -7,7 +7,7 @@ Not part of `python -m bench` nor of pytest (its name does not start with test_)
 bench/results/context_parallel_<date>.{md,json} (CPU model, load, versions).
 
 Bytes (per rank, exact): the routed run counts what it hands to gloo (routing_kernels.distributed.count_bytes).
-At the long lengths it runs only the gate and the request exchange (`plan_exchange`, the real collectives)
+At the long lengths it runs only the gate and the request exchange (`plan_folded`, the real collectives)
 and sizes the K/V all-to-all from the plan: the attention itself would need the reference's
 Hq * L_local * L_keys memory on CPU. Where both run (the timing lengths), the report's last column checks that
 the plan's K/V bytes equal the bytes the full call sent. Ring attention (plain torch.distributed: each step sends
@@ -98,20 +98,6 @@ def ring_attention(q, k, v, group=None):
     return out.transpose(0, 1)[None]
 
 
-def _received_per_kv_head(ex, rank, world, chunk, head_row, group_size, n):
-    """K/V bytes this rank would receive if the exchange moved (chunk, kv head) pairs, each pair requested only
-    when a query head of that kv head's group selected the chunk (a design not built; an estimate)."""
-    from routing_kernels.distributed import make_plan
-    owner = make_plan(chunk, world, seqlen=n).owner()
-    total = 0
-    for h in range(ex.selection.shape[1] // group_size):
-        picked = ex.selection[:, h * group_size:(h + 1) * group_size]
-        ids = torch.unique(picked[picked >= 0].cpu())
-        remote = ids[owner[ids] != rank]
-        total += int(ex.chunk_len[remote].sum()) * head_row
-    return total
-
-
 def _median_s(fn, reps):
     times = []
     for _ in range(reps):
@@ -126,23 +112,21 @@ def _worker(rank, world, init, jobs, out_file, chunk, top_k, reps):
     torch.set_num_threads(max(1, 2 // world))
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     from routing_kernels.distributed import context_parallel_routed_attention, count_bytes, make_plan
-    from routing_kernels.distributed.exchange_plan import plan_exchange
+    from routing_kernels.distributed.attention import fold_kv_heads, plan_folded
     rows = []
     for workload, n, timing in jobs:
         shape = TIMING_SHAPE if timing else SHAPE
         q, k, v = _inputs(workload, n, rank, world, chunk, **shape)
-        kv_row = shape["hkv"] * 2 * shape["d"] * q.element_size()
+        kv_row = 2 * shape["d"] * q.element_size()  # the exchange moves (token, kv head) rows
         row = dict(workload=workload, tokens=n, world=world, rank=rank, chunk=chunk, top_k=top_k, **shape)
         with count_bytes() as log:
-            ex = plan_exchange(q[0], k[0], make_plan(chunk, world, seqlen=n), rank, top_k, True)
+            _, ex = plan_folded(fold_kv_heads(q[0], shape["hkv"]), fold_kv_heads(k[0], shape["hkv"]),
+                                make_plan(chunk, world, seqlen=n), rank, top_k, True, shape["hkv"])
         row["cp_plan_bytes"] = dict(log.bytes_sent)
         row["cp_kv_bytes_fwd"] = sum(x for r, x in enumerate(ex.send_splits) if r != rank) * kv_row
         row["cp_dkv_bytes_bwd"] = sum(x for r, x in enumerate(ex.recv_splits) if r != rank) * kv_row
-        row["chunks_received"] = int(ex.requested.numel())
-        row["cp_kv_bytes_recv"] = sum(ex.recv_splits) * kv_row
-        row["cp_kv_bytes_recv_per_head"] = _received_per_kv_head(ex, rank, world, chunk, kv_row // shape["hkv"],
-                                                                 shape["hq"] // shape["hkv"], n)
-        row["ring_kv_bytes_fwd"] = (world - 1) * q.shape[1] * kv_row
+        row["chunks_received"] = int(ex.requested.numel())  # (chunk, kv head) pairs
+        row["ring_kv_bytes_fwd"] = (world - 1) * q.shape[1] * shape["hkv"] * kv_row
         if timing:
             with count_bytes() as log:
                 ring_attention(q, k, v)
@@ -191,7 +175,7 @@ def _markdown(rows, meta):
              "Bytes each rank sends per call (MB = 1e6 B), forward and backward. CP = routed (chunk sums, chunk-id "
              "requests, selected K/V; backward dK/dV back). Ring forward = (W-1) x local K/V; ring backward "
              "counted as 2 (W-1) x local K/V. `max` = the busiest rank, the one that sets the step time.", "",
-             "| workload | tokens | W | shape | chunks recv (max) | CP fwd MB (max / mean) | ring fwd MB | "
+             "| workload | tokens | W | shape | (chunk, kv head) recv (max) | CP fwd MB (max / mean) | ring fwd MB | "
              "CP/ring fwd (max rank) | CP fwd+bwd MB (max) | ring fwd+bwd MB | CP/ring fwd+bwd (max rank) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["workload"], r["tokens"], r["world"], r["hq"]) for r in rows},
@@ -206,17 +190,6 @@ def _markdown(rows, meta):
                      f"{max(fwd) / 1e6:.1f} / {sum(fwd) / len(fwd) / 1e6:.1f} | "
                      f"{ring / 1e6:.1f} | {max(fwd) / ring:.3f} | {max(both) / 1e6:.1f} | {3 * ring / 1e6:.1f} | "
                      f"{max(both) / (3 * ring):.3f} |")
-    lines += ["", "K/V bytes RECEIVED per rank (max over ranks), as built (whole chunks, every kv head) and as a "
-              "(chunk, kv head) exchange would move them (estimate from the same selections; not built):", "",
-              "| workload | tokens | W | shape | recv MB, chunks | recv MB, (chunk, kv head) | ring recv MB (fwd) |",
-              "|---|---|---|---|---|---|---|"]
-    for wl, n, w, hq in keys:
-        rs = [r for r in rows if (r["workload"], r["tokens"], r["world"], r["hq"]) == (wl, n, w, hq)]
-        if "cp_kv_bytes_recv_per_head" in rs[0]:
-            lines.append(f"| {wl} | {n} | {w} | Hq{hq}/Hkv{rs[0]['hkv']}/D{rs[0]['d']} | "
-                         f"{max(r['cp_kv_bytes_recv'] for r in rs) / 1e6:.1f} | "
-                         f"{max(r['cp_kv_bytes_recv_per_head'] for r in rs) / 1e6:.1f} | "
-                         f"{rs[0]['ring_kv_bytes_fwd'] / 1e6:.1f} |")
     timed = [r for r in rows if "cp_fwd_s" in r]
     if timed:
         lines += ["", "Time per rank, forward only (median s; the busiest rank; CP attention runs the package's "

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from routing_kernels import routed_attention, select_chunks
 from routing_kernels.distributed import (context_parallel_routed_attention, count_bytes, make_plan, shard,
                                           unshard)
-from routing_kernels.distributed.exchange_plan import plan_exchange
+from routing_kernels.distributed.attention import fold_kv_heads, plan_folded, unfold_kv_heads
 
 from tolerance import assert_close_scaled  # noqa: E402  (python_tests/ is on sys.path in the workers)
 
@@ -49,22 +49,22 @@ def _run_case(rank, world, *, tokens, hq, hkv, top_k, causal, layout, dtype, cu=
 
     # every collective before the first assertion: a rank that fails must not skip one the others wait in
     plan = make_plan(CHUNK, world, cu_seqlens=cu, seqlen=None if cu is not None else tokens, batch=2, layout=layout)
-    flat = [x.detach().reshape(-1, *x.shape[-2:]) for x in local[:2]]
-    ex = plan_exchange(*flat, plan, rank, top_k, causal)
-    sel = ex.selection
+    flat = [fold_kv_heads(x.detach().reshape(-1, *x.shape[-2:]), hkv) for x in local[:2]]
+    plan, ex = plan_folded(*flat, plan, rank, top_k, causal, hkv)
     back = unshard(o.detach(), CHUNK, cu_seqlens=cu, seqlen=None if cu is not None else tokens, layout=layout)
 
     seq_of_token = torch.repeat_interleave(torch.arange(len(plan.lengths)), torch.tensor(plan.local_lengths(rank)))
     base = torch.tensor(plan.chunk_base[:-1], dtype=torch.int64)[seq_of_token][:, None, None]
+    sel = unfold_kv_heads(torch.where(ex.selection >= 0, ex.selection - base, ex.selection), hkv)
     want_sel = shard(sel_ref, CHUNK, world, rank, **cut).long()
-    assert torch.equal(torch.where(sel >= 0, sel - base, sel).reshape(want_sel.shape), want_sel), "selection"
+    assert torch.equal(sel.reshape(want_sel.shape), want_sel), "selection"
     assert_close_scaled(o, shard(o_ref, CHUNK, world, rank, **cut), dtype, name="o")
     assert_close_scaled(lse, shard(lse_ref, CHUNK, world, rank, **cut), dtype, name="lse")
     for name, mine, ref in zip("qkv", local, full):
         assert_close_scaled(mine.grad, shard(ref.grad, CHUNK, world, rank, **cut), dtype, name=f"d{name}")
     assert_close_scaled(back, o_ref.detach(), dtype, name="unshard(o)")
     # the bytes counted are the plan's rows; never more K/V than ring attention's forward sends
-    row = hkv * 2 * d * q.element_size()
+    row = 2 * d * q.element_size()  # the exchange moves (token, kv head) rows
     assert log.bytes_sent["kv"] == row * sum(n for r, n in enumerate(ex.send_splits) if r != rank), "kv bytes"
     assert log.bytes_sent["dkv"] == row * sum(n for r, n in enumerate(ex.recv_splits) if r != rank), "dkv bytes"
     assert log.bytes_sent["kv"] <= (world - 1) * row * flat[1].shape[0], "more K/V than ring attention"

@@ -127,9 +127,9 @@ def context_parallel_routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_siz
         plan = make_plan(chunk_size, world, cu_seqlens=cu_seqlens, layout=layout)
     _check_shards(plan, local_tokens, batch)
 
-    hq, d = q.shape[-2], q.shape[-1]
-    qp, kp, vp = (x.reshape(-1, *x.shape[-2:]) for x in (q, k, v))  # dense rows are already in local order
-    ex = plan_exchange(qp, kp, plan, rank, top_k, causal, group)
+    hq, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    qp, kp, vp = (fold_kv_heads(x.reshape(-1, *x.shape[-2:]), hkv) for x in (q, k, v))
+    plan, ex = plan_folded(qp, kp, plan, rank, top_k, causal, hkv, group)
     kv = torch.cat([kp, vp], dim=-1)
     received = ExchangeRows.apply(kv, ex.send_rows.to(q.device), ex.send_splits, ex.recv_splits, group)
     rows, cu_k, slots = _virtual_keys(plan, rank, ex, causal, kp.shape[0])
@@ -142,9 +142,32 @@ def context_parallel_routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_siz
                               max_seqlen_k=int(cu_k.diff().max()) if cu_k.numel() > 1 else 0,
                               block_indices=block_indices.to(torch.int32), scale=scale, return_lse=True,
                               backend=backend)
+    o, lse = unfold_kv_heads(o, hkv), unfold_kv_heads(lse, hkv)
     if dense:
         o, lse = o.reshape(*q.shape[:2], hq, v.shape[-1]), lse.reshape(*q.shape[:2], hq)
     return (o, lse) if return_lse else o
+
+
+def fold_kv_heads(x: Tensor, hkv: int) -> Tensor:
+    """(T, H, ..) -> (Hkv * T, H // Hkv, ..): kv head h's rows (k/v) or query group (q) become sequences of
+    their own, after all of kv head h - 1's. The exchange then moves (chunk, kv head) pairs that some query head
+    of that kv head's group selected, not whole chunks with every kv head."""
+    t, h = x.shape[:2]
+    return x.reshape(t, hkv, h // hkv, *x.shape[2:]).transpose(0, 1).reshape(hkv * t, h // hkv, *x.shape[2:])
+
+
+def unfold_kv_heads(x: Tensor, hkv: int) -> Tensor:
+    """Inverse of :func:`fold_kv_heads`."""
+    g = x.shape[1]
+    return x.reshape(hkv, -1, g, *x.shape[2:]).transpose(0, 1).reshape(-1, hkv * g, *x.shape[2:])
+
+
+def plan_folded(q: Tensor, k: Tensor, plan: ShardPlan, rank: int, top_k: int, causal: bool, hkv: int, group=None):
+    """plan_exchange on kv-head-folded q (Hkv * T, G, D) and k (Hkv * T, 1, D): returns the folded plan (each
+    sequence repeated Hkv times, kv head major) and the ExchangePlan. The gate is the same function: query
+    head (h, g) is scored against kv head h's chunk means either way."""
+    folded = ShardPlan(plan.lengths * hkv, plan.chunk_size, plan.world_size, plan.layout)
+    return folded, plan_exchange(q, k, folded, rank, top_k, causal, group)
 
 
 def _virtual_keys(plan: ShardPlan, rank: int, ex: ExchangePlan, causal: bool, num_local: int):
