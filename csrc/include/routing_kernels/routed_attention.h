@@ -124,7 +124,7 @@ inline void check_routed_token_tensor(const at::Tensor& t, const at::Tensor& q, 
 }
 
 namespace cpu {
-// The CPU backward's workspace (cpu/routed_attention.cpp): the dQ shares of the chunks it processes together stay
+// The CPU backward's workspace (cpu/routed_attention_bwd.cpp): the dQ shares of the chunks it processes together stay
 // within a budget of ROUTING_KERNELS_CPU_BWD_WORKSPACE_MB megabytes (default 256). Results do not depend on it.
 // Tests force another budget (bytes; -1 goes back to the environment's) and read what the last call used.
 void set_routed_attention_bwd_workspace(int64_t bytes);
