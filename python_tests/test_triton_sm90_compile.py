@@ -56,12 +56,8 @@ def _report(sm90_compile, record_property):
 def test_default_triton_variants_fit_sm80_86_90(sm90_compile, record_property):
     report = _report(sm90_compile, record_property)
     records = [r for r in report["records"] if r["kind"] == "triton"]
-    # The benchmark shapes reach every kernel, on every arch, except the decode kernels: routed_decode has no
-    # benchmark case yet (bench/resources.py bench_launches), so they have no default variant; their variants are
-    # in the report (spills listed as warnings) until that case lands and puts them under the checks below.
-    from triton_sm90_decode import DECODE_KERNELS
-    sm90 = {r["kernel"] for r in records if r["arch"] == "sm_90"} - DECODE_KERNELS
-    for arch in ("sm_90", "sm_80", "sm_86"):
+    sm90 = {r["kernel"] for r in records if r["arch"] == "sm_90"}
+    for arch in ("sm_90", "sm_80", "sm_86"):  # the benchmark shapes reach every kernel (decode too), on every arch
         assert {r["kernel"] for r in records if r["default"] and r["arch"] == arch} == sm90, arch
     for r in records:  # the numbers were read, not defaulted
         assert r["regs"] > 0 and r["spill_stores"] is not None and r["threads"] == 32 * r["num_warps"], r
