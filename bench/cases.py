@@ -200,7 +200,6 @@ def default_cases(device: str, quick: bool = False, full: bool = False) -> list:
 
 _REF_DECODE = ("eager reference of a decode step: measured at N=4096 only (--full), ~2 s per call at 16K on 2 "
                "cores (it scores every key of the cache)")
-_COMPILE_DECODE = "torch.compile of the eager reference: not measured for decode (the eager column is the oracle)"
 
 
 def decode_cases(device: str, full: bool) -> list:
@@ -211,10 +210,8 @@ def decode_cases(device: str, full: bool) -> list:
     shapes = [(b, n) for b in (1, 4) for n in (4096, 16384, 65536, 131072)] if full else [(1, 16384), (1, 65536)]
     out = []
     for b, n in shapes:
-        away = [("compile", _COMPILE_DECODE)]
-        if n > 4096:
-            away.append(("eager", _REF_DECODE))
-        out.append(Case("routed_decode", b, n, 32, 128, 512, dt, device, hkv=8, top_k=8, sized_away=tuple(away)))
+        away = (("eager", _REF_DECODE),) if n > 4096 else ()
+        out.append(Case("routed_decode", b, n, 32, 128, 512, dt, device, hkv=8, top_k=8, sized_away=away))
     return out
 
 

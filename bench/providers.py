@@ -95,6 +95,9 @@ def _is_gqa_on_gpu(case) -> bool:
     return _is_attention(case) and case.device.startswith("cuda") and case.hkv < case.H
 
 
+_COMPILE_DECODE = "torch.compile of the eager reference: not measured for decode (the eager column is the oracle)"
+
+
 def _is_decode(case) -> bool:
     return case.op == "routed_decode"
 
@@ -154,7 +157,8 @@ def _flex_na(case, mode):
 
 PROVIDERS = {
     "eager": Provider(_eager),
-    "compile": Provider(_compiled, compile_s_guess=20.0),
+    "compile": Provider(_compiled, not_applicable=lambda case, mode: _COMPILE_DECODE if _is_decode(case) else None,
+                        compile_s_guess=20.0),
     "ours": Provider(_public(None), ours=True),
     "sdpa": Provider(_sdpa, lambda case: _is_attention(case) or _is_decode(case)),
     # RoutedKVCache.append of one token per sequence (routed_decode only): what a step pays besides attention
