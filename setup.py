@@ -88,7 +88,7 @@ def make_extension():
     # The loader resolves libgomp.so.1 to the copy torch already loaded.
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     # -ffp-contract=off: no fused multiply-adds, so the AVX-512 / AVX2 / baseline clones of the CPU row loops
-    # (csrc/cpu/routed_attention.cpp) round alike and results do not depend on the machine's vector width.
+    # (csrc/cpu/routed_attention_common.h) round alike and results do not depend on the machine's vector width.
     cxx_flags = ["-O3", "-ffp-contract=off", *openmp] + [f'-D{name}="{value}"' for name, value in build_defines.items()]
     nvcc_flags = ["-O3", "-lineinfo"]
     extension = CUDAExtension if with_cuda else CppExtension

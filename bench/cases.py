@@ -10,6 +10,9 @@ Traffic conventions (GB/s ops), with X = B*N*H*D*itemsize, Y = B*M*H*D*itemsize,
               bwd: read x, dy, dweights, dsummary, query + write dx, dquery
                    (x is needed again: d(weights)/dx depends on the chunk means of x)
   route_chunks fwd: read q, k + write the int32 indices (B, N, Hq, top_k)
+  routed_decode fwd: one decode step (q_len 1) against a cache of N tokens: read q, the fp32 chunk key sums, the
+                   K/V rows of the chunks the kv groups select (their union) + write o; provider "append": one
+                   token per sequence appended (bench/decode.py)
   fwd+bwd = fwd + bwd: each pass moves its own bytes.
 FLOP convention (routed_attention, TFLOP/s): 2*D (q.k) + 2*Dv (p.v) per (query, key) pair that the
 selection and the causal mask allow; D == Dv here, so 4*D per pair. Routing scores (q against chunk
@@ -25,8 +28,8 @@ from typing import Optional
 import torch
 
 MODES = ("fwd", "bwd", "fwd+bwd")
-OPS = ("chunk_mean", "chunk_route", "route_chunks", "routed_attention")
-ATTENTION_OPS = ("route_chunks", "routed_attention")
+OPS = ("chunk_mean", "chunk_route", "route_chunks", "routed_attention", "routed_decode")
+ATTENTION_OPS = ("route_chunks", "routed_attention", "routed_decode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +67,7 @@ class Case:
 
     @property
     def modes(self) -> tuple:
-        return ("fwd",) if self.op == "route_chunks" else MODES
+        return ("fwd",) if self.op in ("route_chunks", "routed_decode") else MODES
 
     @property
     def M(self) -> int:
@@ -73,6 +76,9 @@ class Case:
     # ---- calling -----------------------------------------------------------------------------
     def make_inputs(self, seed: int = 0) -> tuple:
         """Random (never zero) inputs; float leaves require grad when the op has a backward."""
+        if self.op == "routed_decode":
+            from . import decode
+            return decode.make_inputs(self, seed)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         grad = self.op != "route_chunks"
 
@@ -106,7 +112,10 @@ class Case:
         return (out,)
 
     # ---- work --------------------------------------------------------------------------------
-    def bytes_moved(self, mode: str) -> float:
+    def bytes_moved(self, mode: str, provider: Optional[str] = None) -> float:
+        if self.op == "routed_decode":
+            from . import decode
+            return decode.append_bytes(self) if provider == "append" else decode.bytes_needed(self)
         if mode == "fwd+bwd":
             return self.bytes_moved("fwd") + self.bytes_moved("bwd")
         es = torch.empty((), dtype=self.dtype).element_size()
@@ -137,18 +146,19 @@ class Case:
         fwd = 4.0 * self.D * self.allowed_pairs() * self.B * self.H
         return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
 
-    def work(self, mode: str) -> float:
-        """What throughput divides by: FLOPs (routed_attention) or bytes."""
-        return self.flops(mode) if self.op == "routed_attention" else self.bytes_moved(mode)
+    def work(self, mode: str, provider: Optional[str] = None) -> float:
+        """What throughput divides by: FLOPs (routed_attention) or bytes (routed_decode: per provider, see
+        bench/decode.py)."""
+        return self.flops(mode) if self.op == "routed_attention" else self.bytes_moved(mode, provider)
 
     @property
     def throughput_unit(self) -> str:
         return "TFLOP/s" if self.op == "routed_attention" else "GB/s"
 
-    def throughput(self, mode: str, ms: float) -> float:
+    def throughput(self, mode: str, ms: float, provider: Optional[str] = None) -> float:
         if not (ms > 0) or math.isinf(ms):
             return float("nan")
-        return self.work(mode) / (ms * 1e-3) / (1e12 if self.op == "routed_attention" else 1e9)
+        return self.work(mode, provider) / (ms * 1e-3) / (1e12 if self.op == "routed_attention" else 1e9)
 
 
 def _scores_gb(b, hq, n) -> float:
@@ -169,7 +179,7 @@ def default_cases(device: str, quick: bool = False, full: bool = False) -> list:
         dt = torch.bfloat16 if cuda else torch.float32
         chunk = [Case(op, 2, 256, 2, 16, 64, dt, device) for op in ("chunk_mean", "chunk_route")]
         attn = [Case(op, 1, 256, 4, 16, 64, dt, device, hkv=2, top_k=2) for op in ATTENTION_OPS]
-        return chunk + attn
+        return chunk + attn  # routed_decode's quick case: N=256, chunk 64, top_k 2 (decode.make_inputs)
     if not cuda:
         return _cpu_cases(device, full)
     chunk = []
@@ -180,12 +190,29 @@ def default_cases(device: str, quick: bool = False, full: bool = False) -> list:
     # eager attention scores at N=16K: 32 * 16K^2 fp32 = 34 GB per tensor; none beyond that
     attn = [Case(op, 1, n, 32, 128, 1024, torch.bfloat16, device, hkv=8, top_k=8,
                  sized_away=() if op == "route_chunks" or n <= 16384 else _reference_too_big(1, 32, n))
-            for op in ATTENTION_OPS for n in (4096, 8192, 16384, 65536, 131072, 262144)]
+            for op in ("route_chunks", "routed_attention") for n in (4096, 8192, 16384, 65536, 131072, 262144)]
     # the other chunk sizes and top_k of the issue, at one length
     attn += [Case("routed_attention", 1, 32768, 32, 128, chunk, torch.bfloat16, device, hkv=8, top_k=top_k,
                   sized_away=_reference_too_big(1, 32, 32768))
              for chunk in (512, 1024, 2048) for top_k in (4, 8) if (chunk, top_k) != (1024, 8)]
-    return chunk + attn
+    return chunk + attn + decode_cases(device, full=True)
+
+
+_REF_DECODE = ("eager reference of a decode step: measured at N=4096 only (--full), ~2 s per call at 16K on 2 "
+               "cores (it scores every key of the cache)")
+
+
+def decode_cases(device: str, full: bool) -> list:
+    """routed_decode: Hq=32, Hkv=8, D=128, chunk 512, top_k 8, the cache length as N. The default CPU run takes
+    B=1 at 16K and 64K (~15 CPU s, measured at load 12); full: B=1 and 4 at 4K..128K. On the GPU bf16 (the decode kernels are Triton)."""
+    cuda = device.startswith("cuda")
+    dt = torch.bfloat16 if cuda else torch.float32
+    shapes = [(b, n) for b in (1, 4) for n in (4096, 16384, 65536, 131072)] if full else [(1, 16384), (1, 65536)]
+    out = []
+    for b, n in shapes:
+        away = (("eager", _REF_DECODE),) if n > 4096 else ()
+        out.append(Case("routed_decode", b, n, 32, 128, 512, dt, device, hkv=8, top_k=8, sized_away=away))
+    return out
 
 
 # FlexAttention on CPU, measured on the 2-core VM (torch 2.14.1, B=1 Hq=8 D=64 C=512 top_k=4): the routed
@@ -243,5 +270,6 @@ def _cpu_cases(device: str, full: bool) -> list:
     chunk = [Case(op, 4, n, 8, 64, 128, torch.float32, device, sized_away=sized_away(op, n))
              for op in ("chunk_mean", "chunk_route") for n in lengths[op]]
     attn = [Case(op, 1, n, 8, 64, 512, torch.float32, device, hkv=hkv, top_k=4, sized_away=sized_away(op, n, hkv))
-            for op in ATTENTION_OPS for n in lengths[op] for hkv in (8, 2)]  # a time budget cuts the long N
-    return chunk + attn
+            for op in ("route_chunks", "routed_attention") for n in lengths[op]
+            for hkv in (8, 2)]  # a time budget cuts the long N
+    return chunk + attn + decode_cases(device, full)

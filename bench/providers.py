@@ -39,6 +39,9 @@ def _reference(op: str) -> Callable:
 
 
 def _eager(case):
+    if case.op == "routed_decode":
+        from . import decode
+        return decode.eager(case)
     ref, kwargs = _reference(case.op), case.call_kwargs()
     return lambda *inputs: ref(*inputs, **kwargs)
 
@@ -58,6 +61,10 @@ def _compiled(case):
 def _public(backend):
     def build(case):
         import routing_kernels
+
+        if case.op == "routed_decode":
+            from . import decode
+            return decode.ours(case, backend)
 
         fn, kwargs = getattr(routing_kernels, case.op), case.call_kwargs()
         return lambda *inputs: fn(*inputs, backend=backend, **kwargs)
@@ -90,14 +97,31 @@ def _is_gqa_on_gpu(case) -> bool:
     return _is_attention(case) and case.device.startswith("cuda") and case.hkv < case.H
 
 
+_COMPILE_DECODE = "torch.compile of the eager reference: not measured for decode (the eager column is the oracle)"
+
+
+def _is_decode(case) -> bool:
+    return case.op == "routed_decode"
+
+
 def _sdpa(case):
-    """Dense causal attention, torch's best SDPA backend for the device: what routing must beat."""
+    """Dense causal attention, torch's best SDPA backend for the device: what routing must beat (for decode:
+    q_len 1 over the whole cache, bench/decode.py)."""
+    if _is_decode(case):
+        from . import decode
+        return decode.sdpa(case)
+
     def run(q, k, v):
         o = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
             enable_gqa=q.shape[2] != k.shape[2])
         return o.transpose(1, 2)
     return run
+
+
+def _append(case):
+    from . import decode
+    return decode.append(case)
 
 
 def _flex(case):
@@ -139,9 +163,12 @@ def _flex_na(case, mode):
 
 PROVIDERS = {
     "eager": Provider(_eager),
-    "compile": Provider(_compiled, compile_s_guess=20.0),
+    "compile": Provider(_compiled, not_applicable=lambda case, mode: _COMPILE_DECODE if _is_decode(case) else None,
+                        compile_s_guess=20.0),
     "ours": Provider(_public(None), ours=True),
-    "sdpa": Provider(_sdpa, _is_attention),
+    "sdpa": Provider(_sdpa, lambda case: _is_attention(case) or _is_decode(case)),
+    # RoutedKVCache.append of one token per sequence (routed_decode only): what a step pays besides attention
+    "append": Provider(_append, _is_decode, ours=True),
     "flex": Provider(_flex, _is_attention, _flex_na, compile_s_guess=30.0),
     # explicit backends, not in the default set: compare kernels of the same op side by side
     "triton": Provider(_public("triton"), ours=True),
@@ -155,5 +182,5 @@ def default_providers(device: str, quick: bool) -> list:
     # torch.compile of four ops (forward and training graphs) takes minutes on a 2-core CPU,
     # which does not fit a seconds-long smoke run: quick mode leaves it out unless asked for.
     if quick:
-        return ["eager", "ours", "sdpa"]
-    return ["eager", "compile", "ours", "sdpa", "flex", "triton-pack1"]
+        return ["eager", "ours", "sdpa", "append"]
+    return ["eager", "compile", "ours", "sdpa", "flex", "triton-pack1", "append"]

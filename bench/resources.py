@@ -198,7 +198,14 @@ def bench_launches():
     for case in default_cases("cuda"):
         for d in (64, 128):
             n, c, dt = case.N, case.chunk, case.dtype
-            if case.op in ATTENTION_OPS:
+            if case.op == "routed_decode":
+                def decode(n=n, c=c, dt=dt, d=d, hq=2 * (case.H // case.hkv), top_k=case.top_k):
+                    from routing_kernels.ops.routed_attention.triton_decode import routed_decode_triton
+                    q, k, v = empty(1, 1, hq, d, dtype=dt), empty(1, n, 2, d, dtype=dt), empty(1, n, 2, d, dtype=dt)
+                    sums, used = empty(1, -(-n // c), 2, d), torch.full((1,), n, dtype=torch.int32)
+                    routed_decode_triton(q, k, v, sums, used, c, top_k, True)
+                yield decode
+            elif case.op in ATTENTION_OPS:
                 hkv = 2
                 hq = hkv * (case.H // case.hkv)
 

@@ -1,4 +1,7 @@
-"""Decode-step timing of the C++ CPU routed_decode_fwd against dense decode, in one process.
+"""Decode-step timing of the C++ CPU routed_decode_fwd against dense decode, in one process, with a copy of the same
+bytes timed interleaved (the copy-bandwidth ratio of issue 8). `python -m bench --ops routed_decode` is the harness
+case of the same step (bench/decode.py, whose union_sizes this script shares); this script adds the interleaved
+copy ceiling and the kernel called without the public function's checks.
 
     python bench/routed_decode_cpu.py                      # the issue's shape: fp32, Hq=32, Hkv=8, D=128, C=512, top_k=8
     python bench/routed_decode_cpu.py --lengths 4096,65536 --batches 1 --reps 20
@@ -23,6 +26,14 @@ import torch
 import torch.nn.functional as F
 
 import routing_kernels  # noqa: F401  loads torch.ops.routing_kernels
+
+try:
+    from bench.decode import chunk_sums, union_sizes
+except ImportError:  # run as a script from bench/: python bench/routed_decode_cpu.py
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.decode import chunk_sums, union_sizes
 
 
 def cpu_model() -> str:
@@ -86,20 +97,6 @@ def copy_gbs(mb=512, reps=10):
     return 2 * src.numel() * 4 / med / 1e9
 
 
-def union_sizes(q, key_sums, n, chunk, top_k):
-    """Per (b, kv head): how many chunks the group's heads select together (causal, the last position)."""
-    b, _, hq, d = q.shape
-    hkv = key_sums.shape[2]
-    own = (n - 1) // chunk
-    means = key_sums[:, :own] / chunk  # (B, own, Hkv, D): the complete chunks before the own one
-    gate = torch.einsum("bhd,bmhd->bhm", q[:, 0].float(), means.repeat_interleave(hq // hkv, dim=2))
-    top = gate.topk(min(top_k - 1, own), dim=-1).indices if own and top_k > 1 else gate[..., :0].long()
-    picked = torch.zeros(b, hq, own + 1, dtype=torch.bool)
-    picked.scatter_(-1, top, True)
-    picked[..., own] = True
-    return picked.view(b, hkv, hq // hkv, own + 1).any(2).sum(-1)  # (B, Hkv)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="4096,16384,65536,131072")
@@ -132,10 +129,7 @@ def main():
             else:
                 q = torch.randn(b, 1, hq, d, generator=g)
             m = -(-n // c)
-            key_sums = torch.zeros(b, m, hkv, d)
-            key_sums[:, : n // c] = k[:, : n // c * c].view(b, n // c, c, hkv, d).sum(2)
-            if n % c:
-                key_sums[:, -1] = k[:, n // c * c:].sum(1)
+            key_sums = chunk_sums(k, c)
             used = torch.full((b,), n, dtype=torch.int32)
             scale = d ** -0.5
             union = union_sizes(q, key_sums, n, c, k_top)

@@ -259,7 +259,7 @@ def run(cases, providers, modes, *, quick=False, budget_s=math.inf, on_row=None,
 def _row(case, name, mode, status, note, ms=(NAN, NAN, NAN), peak=NAN) -> dict:
     return {"op": case.op, "provider": name, "mode": mode, "shape": case.shape,
             "dtype": case.dtype_name, "ms_median": ms[0], "ms_p20": ms[1], "ms_p80": ms[2],
-            "throughput": case.throughput(mode, ms[0]), "throughput_unit": case.throughput_unit,
+            "throughput": case.throughput(mode, ms[0], name), "throughput_unit": case.throughput_unit,
             "peak_mem_mb": peak, "status": status, "note": note, "N": case.N, "family": case.family}
 
 

@@ -26,6 +26,20 @@ TORCH_LIBRARY_FRAGMENT(routing_kernels, m) {
       "routed_attention_bwd(Tensor do, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse,"
       " int chunk_size, int top_k, bool causal, Tensor? cu_seqlens, int max_seqlen, float scale)"
       " -> (Tensor, Tensor, Tensor)");
+  // The same with queries shorter than keys (chunked prefill: dense Nq <= Nk, or packed with cu_seqlens_q and
+  // cu_seqlens_k; a dense cache with seqused_k) and, for the attention, a caller's selection block_indices. CPU
+  // kernels only (the Triton kernels take these layouts from Python); see include/routing_kernels/routed_attention.h.
+  m.def(
+      "route_chunks_inference_fwd(Tensor q, Tensor k, int chunk_size, int top_k, bool causal, Tensor? cu_seqlens_q,"
+      " Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k) -> Tensor");
+  m.def(
+      "routed_attention_inference_fwd(Tensor q, Tensor k, Tensor v, int chunk_size, int top_k, bool causal,"
+      " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k,"
+      " float scale, Tensor? block_indices) -> (Tensor, Tensor)");
+  m.def(
+      "routed_attention_inference_bwd(Tensor do, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse,"
+      " int chunk_size, int top_k, bool causal, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k,"
+      " int max_seqlen_q, int max_seqlen_k, float scale, Tensor? block_indices) -> (Tensor, Tensor, Tensor)");
   // Routed attention of the last Lq queries of each row of a KV cache (decode), gate on the cache's chunk key sums;
   // see include/routing_kernels/routed_decode.h. Forward only.
   m.def(

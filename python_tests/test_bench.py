@@ -14,15 +14,19 @@ REPO = Path(__file__).resolve().parent.parent
 COLUMNS = ["op", "provider", "mode", "shape", "dtype", "device", "ms_median", "ms_p20", "ms_p80",
            "throughput", "throughput_unit", "peak_mem_mb", "status", "note", "torch", "triton", "commit",
            "timestamp"]
-OPS = ("chunk_mean", "chunk_route", "route_chunks", "routed_attention")
+OPS = ("chunk_mean", "chunk_route", "route_chunks", "routed_attention", "routed_decode")
 MODES = ("fwd", "bwd", "fwd+bwd")
-PROVIDERS = ("eager", "compile", "ours", "sdpa", "flex")  # all of them should run on CPU and GPU
+PROVIDERS = ("eager", "compile", "ours", "sdpa", "flex", "append")  # all of them should run on CPU and GPU
 
 
 def expected_status(op: str, provider: str, mode: str, device: str):
     """What a quick run must record for (op, provider, mode): 'ok', 'n/a', or None (no row at all)."""
-    if op == "route_chunks" and mode != "fwd":
-        return None  # integer outputs: no backward
+    if op in ("route_chunks", "routed_decode") and mode != "fwd":
+        return None  # integer outputs / a decode step: no backward
+    if provider == "append":
+        return "ok" if op == "routed_decode" else None  # the cache's append: decode only
+    if op == "routed_decode":
+        return {"sdpa": "ok", "flex": None, "compile": "n/a"}.get(provider, "ok")
     if provider in ("sdpa", "flex") and op != "routed_attention":
         return None  # attention baselines only
     if provider == "flex" and device == "cpu" and mode != "fwd":

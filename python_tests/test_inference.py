@@ -85,9 +85,11 @@ def test_block_indices_from_select_chunks_reproduce_the_op():
 
 
 def test_inference_layouts_name_what_the_kernels_do_not_yet_do():
-    x = torch.randn(1, 8, 2, 4)
-    with pytest.raises(ValueError, match="queries shorter than keys .* Triton"):
-        rk.routed_attention(x[:, :1], x, x, C, 2, backend="cpu")
+    # The C++ CPU kernels take every inference layout now (test_cpu_routed_prefill.py); a backend that does not
+    # take one names which kernels do: Triton has no fp64, and the note says where each layout runs.
+    x = torch.randn(1, 8, 2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="queries shorter than keys .* Triton and the C\\+\\+ CPU kernels"):
+        rk.routed_attention(x[:, :1], x, x, C, 2, backend="triton")
 
 
 def test_inference_opcheck():
@@ -251,15 +253,17 @@ DECODE_BACKENDS = [b for b, ok in (("cpu", rk._ext.has_kernel("routed_decode_fwd
 
 
 @pytest.mark.parametrize("backend", DECODE_BACKENDS)
-def test_decode_layout_runs_the_decode_kernels_and_the_reference_backward(backend, monkeypatch):
+def test_decode_layout_runs_the_decode_kernels_and_a_backward_kernel(backend, monkeypatch):
     from routing_kernels.ops.routed_attention import decode, op
     calls = []
     for name in ("cpu", "triton"):
         real = getattr(decode, name)
         monkeypatch.setattr(decode, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     bwd = []
-    real_bwd = op.BACKWARD_KERNELS["reference"]
-    monkeypatch.setitem(op.BACKWARD_KERNELS, "reference", lambda *a: bwd.append(1) or real_bwd(*a))
+    for name in ("reference", "cpu"):
+        real_bwd = op.BACKWARD_KERNELS[name]
+        monkeypatch.setitem(op.BACKWARD_KERNELS, name, lambda *a, _real=real_bwd, _name=name: bwd.append(_name) or
+                            _real(*a))
     cache = rk.RoutedKVCache(1, 3, capacity=40, num_kv_heads=2, head_dim=16, chunk_size=C)
     k = _rand(3, 29, 2, 16, seed=1, dtype=torch.float32)
     cache.append(0, k[:, :26], k[:, :26])
@@ -270,8 +274,13 @@ def test_decode_layout_runs_the_decode_kernels_and_the_reference_backward(backen
                                backend="reference")
     assert calls == [backend]
     assert_close_scaled(got, want, torch.float32)
-    got.sum().backward()  # forward-only kernels: the reference's backward
-    assert bwd == [1] and q.grad is not None
+    # Forward-only decode kernels: the backward is the C++ inference kernel's on CPU, the reference's otherwise.
+    got.sum().backward()
+    assert bwd == ["cpu" if backend == "cpu" else "reference"] and q.grad is not None
+    q_want = q.detach().clone().requires_grad_()
+    rk.routed_attention(q_want, cache.keys(0), cache.values(0), C, 3, seqused_k=cache.seqlens[0],
+                        backend="reference").sum().backward()
+    assert_close_scaled(q.grad, q_want.grad, torch.float32)
 
 
 @pytest.mark.skipif(not rk._triton.can_run("cpu"), reason="Triton interpreter not on")

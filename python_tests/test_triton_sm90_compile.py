@@ -56,17 +56,31 @@ def _report(sm90_compile, record_property):
 def test_default_triton_variants_fit_sm80_86_90(sm90_compile, record_property):
     report = _report(sm90_compile, record_property)
     records = [r for r in report["records"] if r["kind"] == "triton"]
-    # The benchmark shapes reach every kernel, on every arch, except the decode kernels: routed_decode has no
-    # benchmark case yet (bench/resources.py bench_launches), so they have no default variant; their variants are
-    # in the report (spills listed as warnings) until that case lands and puts them under the checks below.
-    from triton_sm90_decode import DECODE_KERNELS
-    sm90 = {r["kernel"] for r in records if r["arch"] == "sm_90"} - DECODE_KERNELS
-    for arch in ("sm_90", "sm_80", "sm_86"):
+    sm90 = {r["kernel"] for r in records if r["arch"] == "sm_90"}
+    for arch in ("sm_90", "sm_80", "sm_86"):  # the benchmark shapes reach every kernel (decode too), on every arch
         assert {r["kernel"] for r in records if r["default"] and r["arch"] == arch} == sm90, arch
     for r in records:  # the numbers were read, not defaulted
         assert r["regs"] > 0 and r["spill_stores"] is not None and r["threads"] == 32 * r["num_warps"], r
     problems = [v["message"] for v in report["violations"] if v["kind"] == "triton"]
+    # The decode kernels' default variants came under this check with the routed_decode benchmark case
+    # (bench/resources.py); four bf16 broadcast-path variants spill a few bytes (found 2026-12-04, not fixed: no GPU
+    # to measure a change of tiles against). Listed by name so that any other spill still fails, and so that a fix
+    # must take its entry out (a listed spill that no longer appears fails too).
+    known = [m for m in problems if m.split(": spills")[0] in KNOWN_DECODE_SPILLS]
+    assert {m.split(": spills")[0] for m in known} == KNOWN_DECODE_SPILLS, "\n".join(problems)
+    problems = [m for m in problems if m not in known]
     assert not problems, "\n".join(problems)
+
+
+KNOWN_DECODE_SPILLS = {
+    "decode_merge_kernel [bf16,fp32,i32] BLOCK_DV=64 BLOCK_M=8 BLOCK_S=8 HEAD_DIM_V=64 q_len=1 on sm_80",
+    "decode_partial_kernel [bf16,fp32,i32] BLOCK_D=64 BLOCK_DV=64 BLOCK_N=32 BLOCK_R=4 BLOCK_S=8 CAUSAL=1 "
+    "DOT_PREC=tf32 HEAD_DIM=64 HEAD_DIM_V=64 USE_DOT=0 num_tiles=1 q_len=1 on sm_90",
+    "decode_partial_kernel [bf16,fp32,i32] BLOCK_D=64 BLOCK_DV=64 BLOCK_N=32 BLOCK_R=4 BLOCK_S=8 CAUSAL=1 "
+    "DOT_PREC=tf32 HEAD_DIM=64 HEAD_DIM_V=64 USE_DOT=0 num_tiles=1 q_len=1 on sm_80",
+    "decode_gate_kernel [bf16,fp32,i32] BLOCK_C=8 BLOCK_D=128 BLOCK_K=8 BLOCK_R=4 CAUSAL=1 FINAL=1 HEAD_DIM=128 "
+    "USE_DOT=0 num_splits=1 num_tiles=1 q_len=1 on sm_86",
+}
 
 
 def test_cuda_kernels_fit_sm80_86_90(sm90_compile, record_property):

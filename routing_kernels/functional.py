@@ -146,8 +146,9 @@ def select_chunks(q: Tensor, k: Tensor, chunk_size: int, top_k: int, *, causal: 
             k (B, Nk, ..), Nq <= Nk.
         seqused_k: int32 (B,): k is a dense cache (B, capacity, Hkv, D) whose row b holds seqused_k[b]
             valid keys (flash-attn's cache_seqlens); q dense (B, Nq, ..) or packed with B sequences.
-        backend: None, "reference", "triton" (not fp64) or "cpu". The kernels compute q and k in one
-            layout; the inference layouts run the reference for now (a CPU / Triton decode path is next).
+        backend: None, "reference", "triton" (not fp64) or "cpu". Every backend takes q and k in one layout;
+            queries shorter than keys (dense or cu_seqlens_k) run on Triton and the C++ CPU kernel, the cache
+            layout (seqused_k) on the C++ CPU kernel (elsewhere the reference).
     Returns:
         int32 (B, N, Hq, top_k) / (T, Hq, top_k): chunk indices within the sequence, sorted ascending,
         padded with -1 at the end when fewer chunks are eligible. Not differentiable.

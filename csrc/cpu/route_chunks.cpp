@@ -12,6 +12,8 @@
 #include <routing_kernels/routed_attention.h>
 #include <torch/library.h>
 
+#include "routed_layout.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -32,30 +34,30 @@ inline bool ranks_before(acc_t x, acc_t y) {
   return std::isnan(x) || x > y;
 }
 
-// Per-sequence prefix of chunk counts: the means of sequence s start at row chunk_off[s] (no S x M padding, which
+// Per-sequence prefix of key chunk counts: the means of sequence s start at row chunk_off[s] (no S x M padding, which
 // would blow up for many short sequences next to one long one).
-std::vector<int64_t> chunk_offsets(const RoutedShape& sh, const int32_t* cu, int64_t chunk_size) {
-  std::vector<int64_t> off(sh.num_seqs + 1, 0);
-  for (int64_t s = 0; s < sh.num_seqs; ++s) off[s + 1] = off[s] + ceil_div(seq_span(sh, cu, s).len, chunk_size);
+std::vector<int64_t> chunk_offsets(const RoutedLayout& L, int64_t chunk_size) {
+  std::vector<int64_t> off(L.num_seqs() + 1, 0);
+  for (int64_t s = 0; s < L.num_seqs(); ++s) off[s + 1] = off[s] + ceil_div(L[s].k_len, chunk_size);
   return off;
 }
 
 // means[(chunk_off[s] + i) * Hkv * D + hk * D + d]: sum over the chunk's tokens in token order, then divided by the
 // count, as the reference does (index_add then division), so exact inputs give bit-identical means.
 template <typename acc_t>
-void chunk_means(const acc_t* k, const RoutedShape& sh, const int32_t* cu, int64_t chunk_size,
-                 const std::vector<int64_t>& off, acc_t* means) {
-  const int64_t row = sh.kv_heads * sh.head_dim;
+void chunk_means(const acc_t* k, const RoutedLayout& L, int64_t chunk_size, const std::vector<int64_t>& off,
+                 acc_t* means) {
+  const int64_t row = L.sh.kv_heads * L.sh.head_dim;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, chunk_size * row));
   at::parallel_for(0, off.back(), grain, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t s = std::upper_bound(off.begin(), off.end(), c) - off.begin() - 1;
-      const SeqSpan sp = seq_span(sh, cu, s);
+      const SeqPair& sp = L[s];
       const int64_t first = (c - off[s]) * chunk_size;
-      const int64_t count = std::min(chunk_size, sp.len - first);
+      const int64_t count = std::min(chunk_size, sp.k_len - first);
       acc_t* mean = means + c * row;
       std::fill(mean, mean + row, acc_t(0));
-      for (int64_t t = sp.bos + first; t < sp.bos + first + count; ++t) {
+      for (int64_t t = sp.k_bos + first; t < sp.k_bos + first + count; ++t) {
         const acc_t* p_k = k + t * row;
         for (int64_t j = 0; j < row; ++j) mean[j] += p_k[j];
       }
@@ -102,20 +104,20 @@ void select_row(const acc_t* gate, int64_t n, int64_t pos, int64_t chunk_size, i
 }
 
 template <typename acc_t>
-void route_kernel(const at::Tensor& q_acc, const at::Tensor& k_acc, const RoutedShape& sh, const int32_t* cu,
-                  int64_t chunk_size, int64_t top_k, bool causal, int32_t* out) {
-  const int64_t Hq = sh.q_heads, Hkv = sh.kv_heads, D = sh.head_dim, G = sh.group;
-  const std::vector<int64_t> off = chunk_offsets(sh, cu, chunk_size);
+void route_kernel(const at::Tensor& q_acc, const at::Tensor& k_acc, const RoutedLayout& L, int64_t chunk_size,
+                  int64_t top_k, bool causal, int32_t* out) {
+  const int64_t Hq = L.sh.q_heads, Hkv = L.sh.kv_heads, D = L.sh.head_dim, G = L.sh.group, S = L.num_seqs();
+  const std::vector<int64_t> off = chunk_offsets(L, chunk_size);
   at::Tensor means_t = at::empty({off.back() * Hkv * D}, k_acc.options());
   acc_t* means = means_t.mutable_data_ptr<acc_t>();
-  chunk_means<acc_t>(k_acc.const_data_ptr<acc_t>(), sh, cu, chunk_size, off, means);
+  chunk_means<acc_t>(k_acc.const_data_ptr<acc_t>(), L, chunk_size, off, means);
 
   int64_t n_max = 1;
-  for (int64_t s = 0; s < sh.num_seqs; ++s) n_max = std::max(n_max, off[s + 1] - off[s]);
+  for (int64_t s = 0; s < S; ++s) n_max = std::max(n_max, off[s + 1] - off[s]);
   const int64_t block = std::clamp<int64_t>(GATE_BUFFER / n_max, 1, MAX_TOKEN_BLOCK);
-  // Work items: (sequence, token block) pairs, each for every query head.
-  std::vector<int64_t> item_off(sh.num_seqs + 1, 0);
-  for (int64_t s = 0; s < sh.num_seqs; ++s) item_off[s + 1] = item_off[s] + ceil_div(seq_span(sh, cu, s).len, block);
+  // Work items: (sequence, block of its queries) pairs, each for every query head.
+  std::vector<int64_t> item_off(S + 1, 0);
+  for (int64_t s = 0; s < S; ++s) item_off[s + 1] = item_off[s] + ceil_div(L[s].q_len, block);
   const acc_t* q = q_acc.const_data_ptr<acc_t>();
   const auto opts = q_acc.options();
 
@@ -126,17 +128,18 @@ void route_kernel(const at::Tensor& q_acc, const at::Tensor& k_acc, const Routed
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item % Hq, blk = item / Hq;
       const int64_t s = std::upper_bound(item_off.begin(), item_off.end(), blk) - item_off.begin() - 1;
-      const SeqSpan sp = seq_span(sh, cu, s);
+      const SeqPair& sp = L[s];
       const int64_t n = off[s + 1] - off[s];
-      const int64_t p0 = (blk - item_off[s]) * block, rows = std::min(block, sp.len - p0);
+      const int64_t p0 = (blk - item_off[s]) * block, rows = std::min(block, sp.q_len - p0);
       // g (rows, n) = Q (rows, D; row stride Hq * D) x means_h^T (means rows strided by Hkv * D).
-      at::Tensor q_blk = at::from_blob(const_cast<acc_t*>(q) + ((sp.bos + p0) * Hq + h) * D, {rows, D}, {Hq * D, 1}, opts);
+      at::Tensor q_blk =
+          at::from_blob(const_cast<acc_t*>(q) + ((sp.q_bos + p0) * Hq + h) * D, {rows, D}, {Hq * D, 1}, opts);
       at::Tensor m_blk = at::from_blob(means + (off[s] * Hkv + h / G) * D, {n, D}, {Hkv * D, 1}, opts);
       at::Tensor g_blk = at::from_blob(gate.data(), {rows, n}, opts);
       at::mm_out(g_blk, q_blk, m_blk.t());
       for (int64_t r = 0; r < rows; ++r) {
-        select_row<acc_t>(gate.data() + r * n, n, p0 + r, chunk_size, top_k, causal, best_v.data(), best_i.data(),
-                          out + ((sp.bos + p0 + r) * Hq + h) * top_k);
+        select_row<acc_t>(gate.data() + r * n, n, sp.offset() + p0 + r, chunk_size, top_k, causal, best_v.data(),
+                          best_i.data(), out + ((sp.q_bos + p0 + r) * Hq + h) * top_k);
       }
     }
   });
@@ -144,35 +147,42 @@ void route_kernel(const at::Tensor& q_acc, const at::Tensor& k_acc, const Routed
 
 }  // namespace
 
-at::Tensor route_chunks_acc(const at::Tensor& q_acc, const at::Tensor& k_acc, const RoutedShape& shape,
-                            const int32_t* cu, int64_t chunk_size, int64_t top_k, bool causal) {
-  at::Tensor idx = empty_cpu_output({shape.num_tokens, shape.q_heads, top_k}, q_acc.options().dtype(at::kInt));
-  if (shape.num_tokens == 0) return idx;
+at::Tensor route_chunks_layout(const at::Tensor& q_acc, const at::Tensor& k_acc, const RoutedLayout& layout,
+                               int64_t chunk_size, int64_t top_k, bool causal) {
+  const RoutedShape& sh = layout.sh;
+  at::Tensor idx = empty_cpu_output({sh.num_tokens, sh.q_heads, top_k}, q_acc.options().dtype(at::kInt));
+  if (sh.num_tokens == 0) return idx;
   AT_DISPATCH_FLOATING_TYPES(q_acc.scalar_type(), "route_chunks_cpu", [&] {
-    route_kernel<scalar_t>(q_acc, k_acc, shape, cu, chunk_size, top_k, causal, idx.mutable_data_ptr<int32_t>());
+    route_kernel<scalar_t>(q_acc, k_acc, layout, chunk_size, top_k, causal, idx.mutable_data_ptr<int32_t>());
   });
   return idx;
 }
 
 namespace {
 
-at::Tensor route_chunks_fwd_cpu(const at::Tensor& q, const at::Tensor& k, int64_t chunk_size, int64_t top_k,
-                                bool causal, const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
-  const RoutedShape sh =
-      check_routed_args(q, k, nullptr, chunk_size, top_k, cu_seqlens, max_seqlen, c10::DeviceType::CPU);
-  at::Tensor cu_c;
-  const int32_t* cu = nullptr;
-  if (sh.varlen) {
-    cu_c = cu_seqlens->contiguous();
-    cu = cu_c.const_data_ptr<int32_t>();
-    check_cu_seqlens_values(cu, sh.num_seqs, sh.num_tokens, max_seqlen);
-  }
-  const auto acc = accum_type(q.scalar_type());
-  const at::Tensor q_acc = q.detach().to(acc).contiguous(), k_acc = k.detach().to(acc).contiguous();
-  at::Tensor idx = route_chunks_acc(q_acc, k_acc, sh, cu, chunk_size, top_k, causal);
+at::Tensor to_acc(const at::Tensor& t) { return t.detach().to(accum_type(t.scalar_type())).contiguous(); }
+
+at::Tensor in_q_layout(const at::Tensor& idx, const at::Tensor& q, int64_t top_k) {
   std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end() - 1);
   out_shape.push_back(top_k);
   return idx.view(out_shape);
+}
+
+at::Tensor route_chunks_fwd_cpu(const at::Tensor& q, const at::Tensor& k, int64_t chunk_size, int64_t top_k,
+                                bool causal, const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
+  const RoutedLayout L = training_layout(q, k, nullptr, chunk_size, top_k, cu_seqlens, max_seqlen);
+  return in_q_layout(route_chunks_layout(to_acc(q), to_acc(k), L, chunk_size, top_k, causal), q, top_k);
+}
+
+// Queries shorter than keys (include/routing_kernels/routed_attention.h).
+at::Tensor route_chunks_inference_fwd_cpu(const at::Tensor& q, const at::Tensor& k, int64_t chunk_size, int64_t top_k,
+                                          bool causal, const std::optional<at::Tensor>& cu_seqlens_q,
+                                          const std::optional<at::Tensor>& cu_seqlens_k,
+                                          const std::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q,
+                                          int64_t max_seqlen_k) {
+  const RoutedLayout L = inference_layout(q, k, nullptr, chunk_size, top_k, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                          max_seqlen_q, max_seqlen_k);
+  return in_q_layout(route_chunks_layout(to_acc(q), to_acc(k), L, chunk_size, top_k, causal), q, top_k);
 }
 
 }  // namespace
@@ -181,4 +191,5 @@ at::Tensor route_chunks_fwd_cpu(const at::Tensor& q, const at::Tensor& k, int64_
 
 TORCH_LIBRARY_IMPL(routing_kernels, CPU, m) {
   m.impl("route_chunks_fwd", TORCH_FN(routing_kernels::cpu::route_chunks_fwd_cpu));
+  m.impl("route_chunks_inference_fwd", TORCH_FN(routing_kernels::cpu::route_chunks_inference_fwd_cpu));
 }

@@ -16,7 +16,7 @@
 // Which thread runs a gate, task or merge never changes its arithmetic, so results do not depend on the thread count.
 //
 // The inner loops (dots over D, the exp, the axpy over Dv) are built for AVX-512, AVX2 and baseline x86-64 by GCC's
-// target_clones and picked at load time, as in routed_attention.cpp; with -ffp-contract=off and the dots and sums
+// target_clones and picked at load time, as in routed_attention_common.h; with -ffp-contract=off and the dots and sums
 // written with explicit 64-byte vectors (Vec64), the clones compute bit-identical results. K/V in q's dtype are read
 // in place when that is the accumulation type (fp32, fp64) with unit stride over D; fp16/bf16 (or strided D) blocks
 // are converted into a 64-key scratch first.

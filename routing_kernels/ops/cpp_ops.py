@@ -66,13 +66,26 @@ def _register_fakes():
     def routed_attention_bwd(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale):
         return _contiguous_like(q), _contiguous_like(k), _contiguous_like(v)
 
+    def route_chunks_inference_fwd(q, k, chunk_size, top_k, causal, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                   max_seqlen_q, max_seqlen_k):
+        return q.new_empty((*q.shape[:-1], top_k), dtype=torch.int32)
+
+    def routed_attention_inference_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                       max_seqlen_q, max_seqlen_k, scale, block_indices):
+        return routed_attention_fwd(q, k, v, chunk_size, top_k, causal, None, 0, scale)
+
+    def routed_attention_inference_bwd(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens_q,
+                                       cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, scale, block_indices):
+        return _contiguous_like(q), _contiguous_like(k), _contiguous_like(v)
+
     def routed_decode_fwd(q, k_cache, v_cache, key_sums, seqused_k, chunk_size, top_k, causal, scale):
         torch._check(q.dim() == 4 and v_cache.dim() == 4, lambda: "q and v_cache must be 4-D (B, Lq, Hq, D)")
         return (q.new_empty((*q.shape[:-1], v_cache.shape[-1])),
                 q.new_empty(q.shape[:-1], dtype=accum_dtype(q.dtype)))
 
     for fn in (chunk_mean_fwd, chunk_mean_bwd, chunk_route_fwd, chunk_route_bwd, route_chunks_fwd,
-               routed_attention_fwd, routed_attention_bwd, routed_decode_fwd):
+               routed_attention_fwd, routed_attention_bwd, routed_decode_fwd, route_chunks_inference_fwd,
+               routed_attention_inference_fwd, routed_attention_inference_bwd):
         if _declared(fn.__name__):
             torch.library.register_fake(_NS + fn.__name__, fn)
 
@@ -114,11 +127,27 @@ def _register_autograd():
                                               max_seqlen, scale)
         return dq, dk, dv, None, None, None, None, None, None
 
+    def inference_setup(ctx, inputs, output):
+        q, k, v, *rest = inputs
+        (chunk_size, top_k, causal, cu_q, cu_k, used, max_q, max_k, scale, block_indices) = rest
+        ctx.save_for_backward(q, k, v, *output, cu_q, cu_k, used, block_indices)
+        ctx.args = (chunk_size, top_k, causal, max_q, max_k, scale)
+
+    def inference_backward(ctx, do, dlse):
+        q, k, v, o, lse, cu_q, cu_k, used, block_indices = ctx.saved_tensors
+        chunk_size, top_k, causal, max_q, max_k, scale = ctx.args
+        dq, dk, dv = ops.routed_attention_inference_bwd(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_q,
+                                                        cu_k, used, max_q, max_k, scale, block_indices)
+        return (dq, dk, dv) + (None,) * 10
+
+    if _declared("routed_attention_inference_fwd"):
+        torch.library.register_autograd(_NS + "routed_attention_inference_fwd", inference_backward,
+                                        setup_context=inference_setup)
     if _declared("chunk_mean_bwd"):
         torch.library.register_autograd(_NS + "chunk_mean_fwd", chunk_mean_backward, setup_context=chunk_mean_setup)
     torch.library.register_autograd(_NS + "chunk_route_fwd", chunk_route_backward, setup_context=chunk_route_setup)
     torch.library.register_autograd(_NS + "routed_attention_fwd", attention_backward, setup_context=attention_setup)
-    for name in ("chunk_mean_bwd", "chunk_route_bwd", "routed_attention_bwd"):
+    for name in ("chunk_mean_bwd", "chunk_route_bwd", "routed_attention_bwd", "routed_attention_inference_bwd"):
         if _declared(name):
             torch.library.register_autograd(_NS + name, _no_double_backward(name))
     # route_chunks_fwd returns int32 indices: nothing to differentiate. routed_decode_fwd is a forward kernel only

@@ -9,6 +9,19 @@
 //   dense : q (B, N, Hq, D), k (B, N, Hkv, D), v (B, N, Hkv, Dv); cu_seqlens None, max_seqlen ignored
 //   varlen: q (T, Hq, D),    k (T, Hkv, D),    v (T, Hkv, Dv);    cu_seqlens int32 (S + 1,), max_seqlen >= L_s
 //
+// Queries shorter than keys (inference; CPU kernels, csrc/cpu/routed_layout.h):
+// route_chunks_inference_fwd(q, k, chunk_size, top_k, causal, cu_seqlens_q?, cu_seqlens_k?, seqused_k?,
+//                            max_seqlen_q, max_seqlen_k) -> idx
+// routed_attention_inference_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens_q?, cu_seqlens_k?, seqused_k?,
+//                                max_seqlen_q, max_seqlen_k, scale, block_indices?) -> (o, lse)
+// routed_attention_inference_bwd(do, dlse, q, k, v, o, lse, <the forward's arguments after v>) -> (dq, dk, dv)
+//   q dense (B, Nq, Hq, D) or packed (Tq, Hq, D) with cu_seqlens_q; k / v dense (B, Nk, Hkv, D) with Nq <= Nk,
+//   packed (Tk, Hkv, D) with cu_seqlens_k, or a cache (B, capacity, Hkv, D) of which row b holds seqused_k[b] keys.
+//   Query i of a sequence with Lq queries and Lk >= Lq keys sits at position Lk - Lq + i (bottom-right aligned).
+//   block_indices int32 (.., Hq, top_k) in q's layout replaces the gate: any order, -1 for none, repeats count once,
+//   each entry the own chunk or (causal) a chunk ending at or before the query's position; a row with no chunk
+//   gets o = 0, lse = -inf, dq = 0. dk / dv rows of a cache past seqused_k are 0.
+//
 // Hq is a multiple of Hkv; query head h reads kv head h / (Hq / Hkv). idx is int32 (.., Hq, top_k): MoBA's gate,
 // the chunks each (token, head) attends to, sorted ascending and padded with -1 (routing_kernels/ops/route_chunks/
 // README.md). o (.., Hq, Dv) in q's dtype, lse (.., Hq) fp32 (fp64 for fp64); dq, dk, dv like q, k, v. The maths
@@ -111,13 +124,7 @@ inline void check_routed_token_tensor(const at::Tensor& t, const at::Tensor& q, 
 }
 
 namespace cpu {
-// MoBA's gate on host tensors already in the accumulation type (fp32, fp64 for fp64), contiguous: q (tokens, Hq, D),
-// k (tokens, Hkv, D); cu is nullptr for dense input. Returns int32 (tokens, Hq, top_k). Defined in
-// cpu/route_chunks.cpp; the routed_attention kernels call it to (re)compute the selection.
-at::Tensor route_chunks_acc(const at::Tensor& q_acc, const at::Tensor& k_acc, const RoutedShape& shape,
-                            const int32_t* cu, int64_t chunk_size, int64_t top_k, bool causal);
-
-// The CPU backward's workspace (cpu/routed_attention.cpp): the dQ shares of the chunks it processes together stay
+// The CPU backward's workspace (cpu/routed_attention_bwd.cpp): the dQ shares of the chunks it processes together stay
 // within a budget of ROUTING_KERNELS_CPU_BWD_WORKSPACE_MB megabytes (default 256). Results do not depend on it.
 // Tests force another budget (bytes; -1 goes back to the environment's) and read what the last call used.
 void set_routed_attention_bwd_workspace(int64_t bytes);

@@ -36,8 +36,9 @@ def check_args(q, k, chunk_size, top_k, cu_seqlens, max_seqlen, v=None, keys: Ke
 
 
 INFERENCE_NOTE = ("; which kernel computes which layout: q and k alike, every backend; queries shorter than keys "
-                  "(dense, or cu_seqlens_k), Triton; the decode cache layout (seqused_k, <= 16 queries), the decode "
-                  "kernels; block_indices and other seqused_k calls, the reference for now")
+                  "(dense, or cu_seqlens_k), Triton and the C++ CPU kernels; the decode cache layout (seqused_k, "
+                  "<= 16 queries), the decode kernels; block_indices and other seqused_k calls, the C++ CPU kernels "
+                  "(on GPU the reference for now)")
 
 
 def is_training_layout(q: Tensor, k: Tensor, keys: Keys) -> bool:
@@ -60,12 +61,14 @@ def check_values(q, k, cu_seqlens, max_seqlen, keys: Keys):
     return cu_seqlens, keys
 
 
-def available_backends(q: Tensor, cpp_op: str, training_layout: bool = True, prefill_layout: bool = False) -> dict:
-    """Shared with routed_attention: Triton (not fp64; also the prefill layout) and the C++ kernel registered as
-    ``cpp_op`` (the training layout)."""
+def available_backends(q: Tensor, cpp_op: str, training_layout: bool = True, prefill_layout: bool = False,
+                       cpp_inference_op: Optional[str] = None) -> dict:
+    """Shared with routed_attention: Triton (not fp64; also the prefill layout) and the C++ CPU kernel registered
+    as ``cpp_op`` (the training layout) or ``cpp_inference_op`` (every other layout, when given)."""
     device = q.device.type
+    cpu_op = cpp_op if training_layout else cpp_inference_op
     return {"triton": (training_layout or prefill_layout) and _triton.can_run(device) and q.dtype != torch.float64,
-            "cpu": training_layout and device == "cpu" and _ext.has_kernel(cpp_op, "cpu")}
+            "cpu": cpu_op is not None and device == "cpu" and _ext.has_kernel(cpu_op, "cpu")}
 
 
 def longest(q: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: Optional[int]) -> int:
@@ -75,7 +78,8 @@ def longest(q: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: Optional[int]) 
 def backend_for(q: Tensor, requested: Optional[str], chunk_size: int, max_len: int, max_len_k: Optional[int] = None,
                 training_layout: bool = True, prefill_layout: bool = False) -> str:
     chosen = _backend.select("route_chunks", q.device.type, requested,
-                             available_backends(q, "route_chunks_fwd", training_layout, prefill_layout),
+                             available_backends(q, "route_chunks_fwd", training_layout, prefill_layout,
+                                                "route_chunks_inference_fwd"),
                              "" if training_layout else INFERENCE_NOTE)
     # The reference scores every (token, head, chunk) of a sequence at once and sorts them (int64 indices).
     max_len_k = max_len if max_len_k is None else max_len_k
@@ -91,7 +95,21 @@ def _triton_fwd(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, keys):
                                cu_seqlens_k=keys.cu_seqlens_k, max_seqlen_k=keys.max_seqlen_k)
 
 
+def cpp_key_args(q, k, cu_seqlens, max_seqlen, keys: Keys) -> tuple:
+    """(cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k) of the C++ inference kernels: int32
+    offsets, integer bounds (k's rows when max_seqlen_k is not given: a bound from shapes)."""
+    def i32(t):
+        return None if t is None else t.to(torch.int32).contiguous()
+    max_k = keys.max_seqlen_k if keys.max_seqlen_k is not None else k.shape[0]
+    max_q = longest(q, cu_seqlens, max_seqlen)
+    return (i32(cu_seqlens), i32(keys.cu_seqlens_k), i32(keys.seqused_k), q.shape[0] if max_q is None else max_q,
+            max_k if keys.cu_seqlens_k is not None else 0)
+
+
 def _cpp_fwd(q, k, chunk_size, top_k, causal, cu_seqlens, max_seqlen, keys):
+    if not is_training_layout(q, k, keys):
+        return torch.ops.routing_kernels.route_chunks_inference_fwd(
+            q, k, chunk_size, top_k, causal, *cpp_key_args(q, k, cu_seqlens, max_seqlen, keys))
     return torch.ops.routing_kernels.route_chunks_fwd(q, k, chunk_size, top_k, causal, cu_seqlens,
                                                       longest(q, cu_seqlens, max_seqlen))
 

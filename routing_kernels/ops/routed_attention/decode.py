@@ -8,7 +8,9 @@ merged by lse, so one sequence fills the machine and the cost grows with top_k *
 cache. The chunk sums come from the cache (``RoutedKVCache.key_sums``, updated in O(new tokens) by append);
 without them they are computed here from k_cache, which reads the whole cache once (O(capacity)).
 
-The backward of the decode layout is the reference's (exact; its memory is Hq * Lq * capacity, small here).
+The backward of the decode layout is the C++ CPU inference backward on CPU (routed_attention_inference_bwd, which
+recomputes the selection from k as the reference does), the reference's elsewhere (exact; its memory is
+Hq * Lq * capacity, small here).
 """
 from __future__ import annotations
 

@@ -10,11 +10,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import _backend
+from ... import _backend, _ext
 from ..._keys import Keys, check_block_index_values, check_block_indices, longest_keys
 from ..._layout import accum_dtype
 from ..._validation import should_read_values
-from ..route_chunks.op import (INFERENCE_NOTE, available_backends, check_values, is_prefill_layout,
+from ..route_chunks.op import (INFERENCE_NOTE, available_backends, check_values, cpp_key_args, is_prefill_layout,
                                is_training_layout, longest)
 from ..route_chunks.op import check_args as check_routing_args
 from . import decode
@@ -34,13 +34,15 @@ def check_args(q, k, v, chunk_size, top_k, cu_seqlens, max_seqlen, scale, keys: 
 def backend_for(q: Tensor, requested: Optional[str], max_len: int, max_len_k: Optional[int] = None,
                 layout: str = "training") -> str:
     """layout: "training" (q and k alike, the gate's selection: the attention kernels), "prefill" (queries
-    shorter than keys, dense or cu_seqlens_k: the Triton forward), "decode" (see decode.py: the decode kernels)
-    or "other" (the reference only, for now)."""
+    shorter than keys, dense or cu_seqlens_k: the Triton forward and the C++ CPU inference kernels), "decode" (see
+    decode.py: the decode kernels) or "other" (block_indices, other seqused_k calls: the C++ CPU inference
+    kernels; the reference on GPU for now)."""
     if layout == "decode":
         available = available_backends(q, "routed_decode_fwd")
         available["triton"] = available["triton"] and decode.has_triton()
     else:
-        available = available_backends(q, "routed_attention_fwd", layout == "training", layout == "prefill")
+        available = available_backends(q, "routed_attention_fwd", layout == "training", layout == "prefill",
+                                       "routed_attention_inference_fwd")
     chosen = _backend.select("routed_attention", q.device.type, requested, available,
                              "" if layout == "training" else INFERENCE_NOTE)
     # The reference builds (Hq, Lq, Lk) scores, probabilities and mask per sequence.
@@ -54,8 +56,8 @@ def _scale(q: Tensor, scale: Optional[float]) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-# Every implementation takes the key layout, the caller's selection and the cache's chunk sums; the kernels are
-# only picked for the training layout (Keys(), None) and the decode layout (decode.applies).
+# Every implementation takes the key layout, the caller's selection and the cache's chunk sums; Triton is only
+# picked for the training, prefill and decode layouts, the C++ CPU kernels for every layout.
 def _triton_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys, block_indices,
                 key_sums=None):
     if keys.seqused_k is not None:
@@ -67,8 +69,12 @@ def _triton_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scal
 
 def _cpp_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys, block_indices,
              key_sums=None):
-    if keys.seqused_k is not None:
+    if decode.applies(q, keys.seqused_k, block_indices):
         return decode.cpu(q, k, v, chunk_size, top_k, causal, _scale(q, scale), keys.seqused_k, key_sums)
+    if block_indices is not None or not is_training_layout(q, k, keys):
+        return torch.ops.routing_kernels.routed_attention_inference_fwd(
+            q, k, v, chunk_size, top_k, causal, *cpp_key_args(q, k, cu_seqlens, max_seqlen, keys), _scale(q, scale),
+            block_indices)
     return torch.ops.routing_kernels.routed_attention_fwd(q, k, v, chunk_size, top_k, causal, cu_seqlens,
                                                           longest(q, cu_seqlens, max_seqlen), _scale(q, scale))
 
@@ -88,6 +94,10 @@ def _triton_bwd(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens
 
 def _cpp_bwd(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, cu_seqlens, max_seqlen, scale, keys,
              block_indices):
+    if block_indices is not None or not is_training_layout(q, k, keys):
+        return torch.ops.routing_kernels.routed_attention_inference_bwd(
+            do, dlse, q, k, v, o, lse, chunk_size, top_k, causal, *cpp_key_args(q, k, cu_seqlens, max_seqlen, keys),
+            _scale(q, scale), block_indices)
     return torch.ops.routing_kernels.routed_attention_bwd(do, dlse, q, k, v, o, lse, chunk_size, top_k, causal,
                                                           cu_seqlens, longest(q, cu_seqlens, max_seqlen),
                                                           _scale(q, scale))
@@ -171,9 +181,14 @@ def _setup_context(ctx, inputs, output):
      seqused_k, block_indices, key_sums) = inputs
     ctx.save_for_backward(q, k, v, *output, cu_seqlens, cu_seqlens_k, seqused_k, block_indices)
     keys = Keys(cu_seqlens_k, max_seqlen_k, seqused_k)
-    # The decode and prefill kernels are forward-only: their backward is the reference's (see decode.py).
-    backward = "reference" if _layout(q, k, keys, block_indices) != "training" else \
-        _resolve(q, k, backend, cu_seqlens, max_seqlen, keys, block_indices)
+    # The Triton prefill and decode kernels are forward-only: their backward is the reference's. On CPU the C++
+    # inference backward takes every layout, the decode one included (it recomputes the selection from k, as the
+    # reference does).
+    layout = _layout(q, k, keys, block_indices)
+    backward = _resolve(q, k, backend, cu_seqlens, max_seqlen, keys, block_indices)
+    if layout != "training" and backward != "reference":
+        cpu_bwd = q.device.type == "cpu" and _ext.has_kernel("routed_attention_inference_bwd", "cpu")
+        backward = "cpu" if cpu_bwd and backward == "cpu" else "reference"
     ctx.args = (chunk_size, top_k, causal, max_seqlen, scale, backward, max_seqlen_k)
 
 
