@@ -1,8 +1,9 @@
-// Device code of the CUDA chunk_route kernels (launched from chunk_route.cu): block reductions, the three
-// passes (reduce_chunks, softmax forward/backward, scale_chunks) and their tiling constants. Included once.
+// Device code of the CUDA chunk_route kernels (launched from chunk_route_launch.cuh): block reductions, the three
+// passes (reduce_chunks, softmax forward/backward, scale_chunks) and their tiling constants. Compiled by nvcc and,
+// unchanged, by the host emulation (launch.cuh).
 #pragma once
 
-#include <routing_kernels/chunk_route.h>
+#include <routing_kernels/chunk_shape.h>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -10,6 +11,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+
+#include "launch.cuh"
 
 namespace routing_kernels {
 namespace {
@@ -129,8 +132,12 @@ struct ReduceTiling {
   int64_t threads;
 };
 
+// The block bound: a scalar tile of one head of D <= 1024 values needs 1024 threads; a vector tile 256.
+template <int VEC>
+constexpr int REDUCE_MAX_THREADS = VEC == 1 ? 1024 : 256;
+
 template <typename scalar_t, int VEC, bool IS_VARLEN, bool IS_BWD>
-__global__ void __launch_bounds__(VEC == 1 ? 1024 : 256)
+__global__ void __launch_bounds__(REDUCE_MAX_THREADS<VEC>)
     reduce_chunks_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
                          const int32_t* __restrict__ cu, const scalar_t* __restrict__ vec, int64_t vec_seq_stride,
                          const accum_t<scalar_t>* __restrict__ extra, accum_t<scalar_t> alpha,
@@ -138,8 +145,8 @@ __global__ void __launch_bounds__(VEC == 1 ? 1024 : 256)
                          accum_t<scalar_t>* __restrict__ out, Geometry g, ReduceTiling tl) {
   using acc_t = accum_t<scalar_t>;
   constexpr int SLOTS = ReduceSlots<VEC>::value;
-  __shared__ acc_t s_sum[SLOTS];               // [group][value] partial sums, then each value's product
-  __shared__ acc_t s_dot[IS_BWD ? SLOTS : 1];  // [group][value] partial <dy, x>
+  RK_SHARED_ARRAY(acc_t, s_sum, SLOTS);               // [group][value] partial sums, then each value's product
+  RK_SHARED_ARRAY(acc_t, s_dot, IS_BWD ? SLOTS : 1);  // [group][value] partial <dy, x>
   const int64_t H = g.num_heads, D = g.head_dim, M = g.num_chunks, row = g.row;
   const int64_t TV = tl.tile_vecs, TG = tl.token_groups;
   const int64_t i_v = threadIdx.x % (TV > 0 ? TV : 1), i_g = threadIdx.x / (TV > 0 ? TV : 1);
@@ -260,8 +267,8 @@ __global__ void __launch_bounds__(SOFTMAX_THREADS)
                            const accum_t<scalar_t>* __restrict__ means, scalar_t* __restrict__ summary,
                            Geometry g, int64_t num_rows) {
   using acc_t = accum_t<scalar_t>;
-  __shared__ acc_t s_warp[32];
-  __shared__ acc_t s_part[SOFTMAX_THREADS];
+  RK_SHARED_ARRAY(acc_t, s_warp, 32);
+  RK_SHARED_ARRAY(acc_t, s_part, SOFTMAX_THREADS);
   const int64_t H = g.num_heads, D = g.head_dim, M = g.num_chunks;
   const acc_t neg_inf = -static_cast<acc_t>(INFINITY);
   for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {  // r = s * H + h
@@ -292,8 +299,8 @@ template <typename acc_t>
 __global__ void __launch_bounds__(SOFTMAX_THREADS)
     softmax_backward_kernel(const acc_t* __restrict__ weights, acc_t* __restrict__ dw, const acc_t* __restrict__ means,
                             acc_t* __restrict__ dquery, acc_t scale, Geometry g, int64_t num_rows) {
-  __shared__ acc_t s_warp[32];
-  __shared__ acc_t s_part[SOFTMAX_THREADS];
+  RK_SHARED_ARRAY(acc_t, s_warp, 32);
+  RK_SHARED_ARRAY(acc_t, s_part, SOFTMAX_THREADS);
   const int64_t H = g.num_heads, D = g.head_dim, M = g.num_chunks;
   for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {
     const int64_t i_s = r / H, i_h = r % H;
