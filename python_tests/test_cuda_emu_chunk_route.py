@@ -178,3 +178,14 @@ def test_emulated_cuda_threads_agree_with_fibers(ops):
     got, _ = _run(ops, x, query, 8, cu, ms, 0.2, schedule=cuda_emu.THREADS, grads=inputs[:3])
     for name, a, b in zip(NAMES, got, base):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+
+
+# max_seqlen below the longest sequence: the grids would not reach the sequence's tail (unwritten y / dx on a
+# GPU). The kernels check it on the device (always in the emulation; in nvcc builds with
+# -DROUTING_KERNELS_DEBUG_CHECKS), with no host synchronisation.
+@pytest.mark.parametrize("lengths,cs,max_seqlen", [([40, 3], 4, 16), ([5, 3], 8, 3)],
+                         ids=["past_last_chunk", "chunk_longer_than_max_seqlen"])
+def test_emulated_cuda_reports_max_seqlen_too_small(ops, lengths, cs, max_seqlen):
+    x, cu, _ = make({"lengths": lengths}, heads=2, dim=8)
+    with pytest.raises(RuntimeError, match="longer than max_seqlen"):
+        ops.chunk_route_fwd(x, torch.randn(2, 8), cs, cu, max_seqlen, 0.5, 1, 0, 0)

@@ -88,7 +88,7 @@ struct Geometry {
   int64_t head_dim;    // D
   int64_t row;         // H * D values per token
   int64_t chunk_size;
-  int64_t longest_chunk;  // host only: min(chunk_size, longest sequence), >= 1; sizes token loops
+  int64_t longest_chunk;  // min(chunk_size, longest sequence), >= 1; sizes token loops and slabs
 };
 
 struct Span {
@@ -106,6 +106,13 @@ __device__ __forceinline__ Span chunk_span(const int32_t* __restrict__ cu, int64
   }
   const int64_t o_t = i_c * g.chunk_size;
   return {bos + o_t, len - o_t < g.chunk_size ? len - o_t : g.chunk_size};
+}
+
+// The grids cover M = ceil(max_seqlen / chunk_size) chunks of at most longest_chunk tokens each (longest_chunk is
+// min(chunk_size, max_seqlen)); a varlen sequence longer than that would keep tokens no work item reaches.
+__device__ __forceinline__ bool sequence_fits(const int32_t* __restrict__ cu, int64_t i_s, const Geometry& g) {
+  const int64_t len = int64_t{cu[i_s + 1]} - cu[i_s];
+  return len <= g.num_chunks * g.chunk_size && (g.longest_chunk == g.chunk_size || len <= g.longest_chunk);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -161,6 +168,10 @@ __global__ void __launch_bounds__(REDUCE_MAX_THREADS<VEC>)
     const int64_t o_tile = h0 * D;  // first value of the tile in the row; a multiple of VEC
     acc_t* p_mean = means + i_sc * row + o_tile;
     const Span sp = chunk_span<IS_VARLEN>(cu, i_s, i_c, g);
+    if constexpr (IS_VARLEN) {  // once per sequence and tile, on its last chunk
+      RK_DEVICE_CHECK(i_c != M - 1 || sequence_fits(cu, i_s, g),
+                      "a sequence of cu_seqlens is longer than max_seqlen: its tail would be left unwritten");
+    }
     if (sp.count <= 0) {  // block-uniform branch: no barrier is skipped by only part of the block
       for (int64_t e = threadIdx.x; e < nh * D; e += blockDim.x) p_mean[e] = acc_t(0);
       for (int64_t j = threadIdx.x; j < nh; j += blockDim.x) out[(i_s * H + h0 + j) * M + i_c] = empty_value;

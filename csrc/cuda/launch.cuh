@@ -24,6 +24,19 @@
 #error "launch.cuh is for nvcc or the host emulation (define ROUTING_KERNELS_CUDA_EMU)"
 #endif
 
+// A device-side check of an input the host does not read (it would cost a synchronisation): the emulation always
+// checks and reports the message with the source line; an nvcc build compiled with -DROUTING_KERNELS_DEBUG_CHECKS
+// traps (the launch then fails with an illegal-instruction error); a release nvcc build compiles it out.
+#if defined(ROUTING_KERNELS_CUDA_EMU)
+#define RK_DEVICE_CHECK(cond, msg) \
+  if (!(cond)) ::cuda_emu::fail_in_kernel(std::string(msg) + " (" + __FILE__ + ":" + std::to_string(__LINE__) + ")")
+#elif defined(ROUTING_KERNELS_DEBUG_CHECKS)
+#define RK_DEVICE_CHECK(cond, msg) \
+  if (!(cond)) __trap()
+#else
+#define RK_DEVICE_CHECK(cond, msg) (void)0
+#endif
+
 namespace routing_kernels {
 
 // Launches kernel<<<grid, block, 0, stream>>>(args...) after checking the block against MAX_THREADS, the bound
