@@ -35,13 +35,16 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// A GPU faults on a vector access off its size's boundary; the emulation reports it (x86 would not notice).
 template <int VEC, typename T>
 __device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
+  RK_DEVICE_CHECK(reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T, VEC>) == 0, "misaligned vector load");
   return *reinterpret_cast<const Pack<T, VEC>*>(p);
 }
 
 template <int VEC, typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& pack) {
+  RK_DEVICE_CHECK(reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T, VEC>) == 0, "misaligned vector store");
   *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
 }
 

@@ -28,11 +28,15 @@
 // checks and reports the message with the source line; an nvcc build compiled with -DROUTING_KERNELS_DEBUG_CHECKS
 // traps (the launch then fails with an illegal-instruction error); a release nvcc build compiles it out.
 #if defined(ROUTING_KERNELS_CUDA_EMU)
-#define RK_DEVICE_CHECK(cond, msg) \
-  if (!(cond)) ::cuda_emu::fail_in_kernel(std::string(msg) + " (" + __FILE__ + ":" + std::to_string(__LINE__) + ")")
+#define RK_DEVICE_CHECK(cond, msg)                                                   \
+  do {                                                                               \
+    if (!(cond)) ::cuda_emu::fail_in_kernel(::cuda_emu::at_line(msg, __FILE__, __LINE__)); \
+  } while (0)
 #elif defined(ROUTING_KERNELS_DEBUG_CHECKS)
 #define RK_DEVICE_CHECK(cond, msg) \
-  if (!(cond)) __trap()
+  do {                             \
+    if (!(cond)) __trap();         \
+  } while (0)
 #else
 #define RK_DEVICE_CHECK(cond, msg) (void)0
 #endif

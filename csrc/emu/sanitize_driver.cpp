@@ -238,7 +238,7 @@ void expect_error(const char* what, const char* needle, F&& f) {
     f();
   } catch (const std::exception& e) {
     if (std::strstr(e.what(), needle) == nullptr) fail(std::string(what) + ": unexpected message: " + e.what());
-    else std::printf("ok   detector %s: %s\n", what, std::string(e.what()).substr(0, std::strcspn(e.what(), "\n")).c_str());
+    else std::printf("ok   detector %s: %.*s\n", what, static_cast<int>(std::strcspn(e.what(), "\n")), e.what());
     return;
   }
   fail(std::string(what) + ": no error");
@@ -252,7 +252,8 @@ void detector_tests() {
                [&] { cuda_emu::launch(early_exit_then_barrier, dim3(1), dim3(32), out.data()); });
   expect_error("partial shuffle mask", "mask 0xffff",
                [&] { cuda_emu::launch(partial_mask_shuffle, dim3(1), dim3(32), out.data()); });
-  expect_error("shared memory limit", "48 KB", [&] { cuda_emu::launch(too_much_shared, dim3(1), dim3(32), out.data()); });
+  expect_error("shared memory limit", "48 KB",
+               [&] { cuda_emu::launch(too_much_shared, dim3(1), dim3(32), out.data()); });
   expect_error("launch bounds", "__launch_bounds__(32)",
                [&] { rk::launch_kernel<32>(shuffle_and_reduce, dim3(1), dim3(64), nullptr, out.data()); });
   cuda_emu::launch(shuffle_and_reduce, dim3(2), dim3(64), out.data());

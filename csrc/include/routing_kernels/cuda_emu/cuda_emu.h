@@ -343,6 +343,10 @@ T shfl_xor_sync(unsigned mask, T value, int lane_mask, const char* file, int lin
   std::abort();
 }
 
+inline std::string at_line(const char* msg, const char* file, int line) {
+  return std::string(msg) + " (" + where({file, line}) + ")";
+}
+
 // One static __shared__ array of a kernel: the same arena slice for every thread of a block.
 struct SharedSlot {
   uint64_t generation = ~uint64_t{0};
@@ -537,7 +541,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block_dim, Args... args) 
 #define gridDim (::cuda_emu::tls.grid_dim)
 #define __syncthreads() ::cuda_emu::syncthreads(__FILE__, __LINE__)
 #define __shfl_xor_sync(mask, value, lane_mask) ::cuda_emu::shfl_xor_sync(mask, value, lane_mask, __FILE__, __LINE__)
-#define __trap() ::cuda_emu::fail_in_kernel(std::string("__trap() at ") + __FILE__ + ":" + std::to_string(__LINE__))
+#define __trap() ::cuda_emu::fail_in_kernel(::cuda_emu::at_line("__trap()", __FILE__, __LINE__))
 using cuda_emu::cudaStream_t;
 using cuda_emu::dim3;
 using std::max;
