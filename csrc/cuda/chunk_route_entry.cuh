@@ -1,7 +1,8 @@
 // chunk_route_fwd / _bwd on tensors for the CUDA kernels (contract in include/routing_kernels/chunk_route.h):
 // checks, allocation, the empty-input cases, dtype dispatch; the launches are in chunk_route_launch.cuh. Shared by
-// chunk_route.cu and the host emulation (csrc/emu). cu_seqlens is read by the kernels only (no host sync), and
-// trusted as the header says.
+// chunk_route.cu and the host emulation (csrc/emu). cu_seqlens is read by the kernels only (no host sync); a
+// sequence longer than max_seqlen is reported on the device by the emulation and by nvcc builds with
+// -DROUTING_KERNELS_DEBUG_CHECKS (launch.cuh), and left partly unwritten by release builds.
 #pragma once
 
 #include <routing_kernels/chunk_route.h>
