@@ -13,6 +13,9 @@ if command -v "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" >/dev/null && "$PYTHON" -
   bash .ci/build_ext.sh  # nothing left to compile: checks the .so holds sm_90 code (cuobjdump)
 fi
 bash .ci/cmake_test.sh
+# The CUDA kernels on the CPU under the host CUDA emulation, with ASan+UBSan and with TSan (csrc/README.md);
+# the unsanitized grid is python_tests/test_cuda_emu_chunk_route.py, run by pytest below.
+bash csrc/emu/run_sanitizers.sh asan tsan
 echo "== build steps took $((SECONDS - start)) s"
 "$PYTHON" -m pytest python_tests bench -q -p no:cacheprovider --durations=10
 echo "== total $((SECONDS - start)) s"

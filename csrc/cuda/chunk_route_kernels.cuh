@@ -1,8 +1,9 @@
-// Device code of the CUDA chunk_route kernels (launched from chunk_route.cu): block reductions, the three
-// passes (reduce_chunks, softmax forward/backward, scale_chunks) and their tiling constants. Included once.
+// Device code of the CUDA chunk_route kernels (launched from chunk_route_launch.cuh): block reductions, the three
+// passes (reduce_chunks, softmax forward/backward, scale_chunks) and their tiling constants. Compiled by nvcc and,
+// unchanged, by the host emulation (launch.cuh).
 #pragma once
 
-#include <routing_kernels/chunk_route.h>
+#include <routing_kernels/chunk_shape.h>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -10,6 +11,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+
+#include "launch.cuh"
 
 namespace routing_kernels {
 namespace {
@@ -32,13 +35,16 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// A GPU faults on a vector access off its size's boundary; the emulation reports it (x86 would not notice).
 template <int VEC, typename T>
 __device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
+  RK_DEVICE_CHECK(reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T, VEC>) == 0, "misaligned vector load");
   return *reinterpret_cast<const Pack<T, VEC>*>(p);
 }
 
 template <int VEC, typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& pack) {
+  RK_DEVICE_CHECK(reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T, VEC>) == 0, "misaligned vector store");
   *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
 }
 
@@ -85,7 +91,7 @@ struct Geometry {
   int64_t head_dim;    // D
   int64_t row;         // H * D values per token
   int64_t chunk_size;
-  int64_t longest_chunk;  // host only: min(chunk_size, longest sequence), >= 1; sizes token loops
+  int64_t longest_chunk;  // min(chunk_size, longest sequence), >= 1; sizes token loops and slabs
 };
 
 struct Span {
@@ -103,6 +109,13 @@ __device__ __forceinline__ Span chunk_span(const int32_t* __restrict__ cu, int64
   }
   const int64_t o_t = i_c * g.chunk_size;
   return {bos + o_t, len - o_t < g.chunk_size ? len - o_t : g.chunk_size};
+}
+
+// The grids cover M = ceil(max_seqlen / chunk_size) chunks of at most longest_chunk tokens each (longest_chunk is
+// min(chunk_size, max_seqlen)); a varlen sequence longer than that would keep tokens no work item reaches.
+__device__ __forceinline__ bool sequence_fits(const int32_t* __restrict__ cu, int64_t i_s, const Geometry& g) {
+  const int64_t len = int64_t{cu[i_s + 1]} - cu[i_s];
+  return len <= g.num_chunks * g.chunk_size && (g.longest_chunk == g.chunk_size || len <= g.longest_chunk);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -129,8 +142,12 @@ struct ReduceTiling {
   int64_t threads;
 };
 
+// The block bound: a scalar tile of one head of D <= 1024 values needs 1024 threads; a vector tile 256.
+template <int VEC>
+constexpr int REDUCE_MAX_THREADS = VEC == 1 ? 1024 : 256;
+
 template <typename scalar_t, int VEC, bool IS_VARLEN, bool IS_BWD>
-__global__ void __launch_bounds__(VEC == 1 ? 1024 : 256)
+__global__ void __launch_bounds__(REDUCE_MAX_THREADS<VEC>)
     reduce_chunks_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
                          const int32_t* __restrict__ cu, const scalar_t* __restrict__ vec, int64_t vec_seq_stride,
                          const accum_t<scalar_t>* __restrict__ extra, accum_t<scalar_t> alpha,
@@ -138,8 +155,8 @@ __global__ void __launch_bounds__(VEC == 1 ? 1024 : 256)
                          accum_t<scalar_t>* __restrict__ out, Geometry g, ReduceTiling tl) {
   using acc_t = accum_t<scalar_t>;
   constexpr int SLOTS = ReduceSlots<VEC>::value;
-  __shared__ acc_t s_sum[SLOTS];               // [group][value] partial sums, then each value's product
-  __shared__ acc_t s_dot[IS_BWD ? SLOTS : 1];  // [group][value] partial <dy, x>
+  RK_SHARED_ARRAY(acc_t, s_sum, SLOTS);               // [group][value] partial sums, then each value's product
+  RK_SHARED_ARRAY(acc_t, s_dot, IS_BWD ? SLOTS : 1);  // [group][value] partial <dy, x>
   const int64_t H = g.num_heads, D = g.head_dim, M = g.num_chunks, row = g.row;
   const int64_t TV = tl.tile_vecs, TG = tl.token_groups;
   const int64_t i_v = threadIdx.x % (TV > 0 ? TV : 1), i_g = threadIdx.x / (TV > 0 ? TV : 1);
@@ -154,6 +171,10 @@ __global__ void __launch_bounds__(VEC == 1 ? 1024 : 256)
     const int64_t o_tile = h0 * D;  // first value of the tile in the row; a multiple of VEC
     acc_t* p_mean = means + i_sc * row + o_tile;
     const Span sp = chunk_span<IS_VARLEN>(cu, i_s, i_c, g);
+    if constexpr (IS_VARLEN) {  // once per sequence and tile, on its last chunk
+      RK_DEVICE_CHECK(i_c != M - 1 || sequence_fits(cu, i_s, g),
+                      "a sequence of cu_seqlens is longer than max_seqlen: its tail would be left unwritten");
+    }
     if (sp.count <= 0) {  // block-uniform branch: no barrier is skipped by only part of the block
       for (int64_t e = threadIdx.x; e < nh * D; e += blockDim.x) p_mean[e] = acc_t(0);
       for (int64_t j = threadIdx.x; j < nh; j += blockDim.x) out[(i_s * H + h0 + j) * M + i_c] = empty_value;
@@ -260,8 +281,8 @@ __global__ void __launch_bounds__(SOFTMAX_THREADS)
                            const accum_t<scalar_t>* __restrict__ means, scalar_t* __restrict__ summary,
                            Geometry g, int64_t num_rows) {
   using acc_t = accum_t<scalar_t>;
-  __shared__ acc_t s_warp[32];
-  __shared__ acc_t s_part[SOFTMAX_THREADS];
+  RK_SHARED_ARRAY(acc_t, s_warp, 32);
+  RK_SHARED_ARRAY(acc_t, s_part, SOFTMAX_THREADS);
   const int64_t H = g.num_heads, D = g.head_dim, M = g.num_chunks;
   const acc_t neg_inf = -static_cast<acc_t>(INFINITY);
   for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {  // r = s * H + h
@@ -292,8 +313,8 @@ template <typename acc_t>
 __global__ void __launch_bounds__(SOFTMAX_THREADS)
     softmax_backward_kernel(const acc_t* __restrict__ weights, acc_t* __restrict__ dw, const acc_t* __restrict__ means,
                             acc_t* __restrict__ dquery, acc_t scale, Geometry g, int64_t num_rows) {
-  __shared__ acc_t s_warp[32];
-  __shared__ acc_t s_part[SOFTMAX_THREADS];
+  RK_SHARED_ARRAY(acc_t, s_warp, 32);
+  RK_SHARED_ARRAY(acc_t, s_part, SOFTMAX_THREADS);
   const int64_t H = g.num_heads, D = g.head_dim, M = g.num_chunks;
   for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {
     const int64_t i_s = r / H, i_h = r % H;

@@ -15,23 +15,12 @@
 #pragma once
 
 #include <routing_kernels/checks.h>
+#include <routing_kernels/chunk_shape.h>
 
 #include <array>
 #include <optional>
 
 namespace routing_kernels {
-
-struct ChunkMeanShape {
-  bool varlen;
-  int64_t num_seqs;    // B (dense) or S (varlen)
-  int64_t seqlen;      // N (dense); 0 for varlen, where cu_seqlens gives each length
-  int64_t num_tokens;  // B * N or T
-  int64_t num_heads;   // H
-  int64_t head_dim;    // D
-  int64_t num_chunks;  // M
-};
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 inline ChunkMeanShape check_chunk_mean_args(const at::Tensor& x, int64_t chunk_size,
                                             const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,

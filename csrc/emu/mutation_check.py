@@ -1,0 +1,91 @@
+"""Plants each bug the CUDA emulation must catch (issue 13) into a scratch copy of the tree, one at a time, runs
+the emulated test suite (python_tests/test_cuda_emu_chunk_route.py) and, where named, a sanitizer flavour of
+csrc/emu/sanitize_driver.cpp, and prints which of them failed. Exits 1 if some mutation went unnoticed.
+
+    python csrc/emu/mutation_check.py [name ...]        (~3-5 min per mutation on 2 cores; not run by CI)
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+KERNELS = "csrc/cuda/chunk_route_kernels.cuh"
+LAUNCH = "csrc/cuda/chunk_route_launch.cuh"
+
+# name: (file, text to replace (exactly once), replacement, sanitizer flavours to run)
+MUTATIONS = {
+    "dropped_syncthreads": (
+        KERNELS, "  if ((threadIdx.x & 31) == 0) s_warp[threadIdx.x >> 5] = v;\n  __syncthreads();\n",
+        "  if ((threadIdx.x & 31) == 0) s_warp[threadIdx.x >> 5] = v;\n", ["tsan"]),
+    "token_too_far": (
+        KERNELS, "for (int64_t t = i_g; t < sp.count; t += TG)", "for (int64_t t = i_g; t <= sp.count; t += TG)",
+        ["asan"]),
+    "unwritten_shared_slot": (
+        KERNELS, "for (int64_t o_g = 1; o_g < n_groups; ++o_g) acc += s_part[o_g * n_lanes + lane];",
+        "for (int64_t o_g = 1; o_g <= n_groups; ++o_g) acc += s_part[o_g * n_lanes + lane];", []),
+    "barrier_under_branch": (
+        KERNELS, "= b_dot[k];\n      }\n    }\n    __syncthreads();",  # the barrier moves into `if (active)`
+        "= b_dot[k];\n      }\n      __syncthreads();\n    }", []),
+    "alignment_ignored": (
+        LAUNCH, "reinterpret_cast<uintptr_t>(p) % 16 == 0;", "reinterpret_cast<uintptr_t>(p) % 1 == 0;", ["asan"]),
+}
+
+
+def copy_tree(dst: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for f in files:
+        if f.startswith(("csrc/", "python_tests/", "routing_kernels/")) or f in ("conftest.py", "pyproject.toml"):
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+
+
+def run(cmd, cwd):
+    t = time.time()
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    return p.returncode, p.stdout + p.stderr, time.time() - t
+
+
+def main(names):
+    unnoticed = []
+    for name in names or MUTATIONS:
+        path, old, new, sanitizers = MUTATIONS[name]
+        with tempfile.TemporaryDirectory(prefix=f"rk_mut_{name}_") as tmp:
+            dst = Path(tmp)
+            copy_tree(dst)
+            text = (dst / path).read_text()
+            assert text.count(old) == 1, f"{name}: the text to mutate is not in {path} exactly once"
+            (dst / path).write_text(text.replace(old, new))
+            rc, out, dt = run([sys.executable, "-m", "pytest", "python_tests/test_cuda_emu_chunk_route.py", "-q",
+                               "-p", "no:cacheprovider", "--maxfail=10000", "-W", "ignore"], dst)
+            summary = out.strip().splitlines()[-1] if out.strip() else "(no output)"
+            failed = [ln.split(" - ")[0].replace("FAILED ", "") for ln in out.splitlines() if ln.startswith("FAILED")]
+            first = ""
+            m = re.search(r"^E\s+(.*(?:CUDA emulation|Mismatch|differs|NaN).*)$", out, re.MULTILINE)
+            if m:
+                first = m.group(1)[:200]
+            print(f"== {name}: pytest {summary} ({dt:.0f} s); rc={rc}")
+            if failed:
+                print(f"   e.g. {failed[0]}")
+            if first:
+                print(f"   first error: {first}")
+            caught = rc != 0
+            for flavour in sanitizers:
+                rc_s, out_s, dt_s = run(["bash", "csrc/emu/run_sanitizers.sh", flavour], dst)
+                lines = [ln for ln in out_s.splitlines() if re.search(r"ERROR|FAIL|runtime error|WARNING", ln)]
+                print(f"== {name}: {flavour} driver rc={rc_s} ({dt_s:.0f} s): {lines[0][:200] if lines else ''}")
+                caught |= rc_s != 0
+            if not caught:
+                unnoticed.append(name)
+    print("unnoticed:", unnoticed or "none")
+    return 1 if unnoticed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
