@@ -111,7 +111,7 @@ def summary_table(rows: list, ours_names) -> str:
     """The headline: per (op, mode, shape), ours against the fastest provider that is not one of our
     kernels. speedup = their ms / our ms (> 1: ours is faster)."""
     head = "| op | mode | shape | ours | best other | speedup |\n|---|---|---|---|---|---|"
-    lines = []
+    lines, speedups = [], {}  # speedups: (op, mode) -> [their ms / our ms, ...] over the shapes both measured
     for (op, mode, shape, _), by_provider in _by_case(rows).items():
         ours = by_provider.get("ours")
         others = [r for p, r in by_provider.items() if p not in ours_names and r["status"] == "ok"]
@@ -120,13 +120,21 @@ def summary_table(rows: list, ours_names) -> str:
         best = min(others, key=lambda r: r["ms_median"]) if others else None
         mine = f"{ours['ms_median']:.3g} ms" if ours["status"] == "ok" else _cell(ours)
         theirs = f"{best['provider']} {best['ms_median']:.3g} ms" if best else "none measured"
-        speedup = (f"{best['ms_median'] / ours['ms_median']:.2f}x" if best and ours["status"] == "ok"
-                   else "-")
+        speedup = "-"
+        if best and ours["status"] == "ok":
+            ratio = best["ms_median"] / ours["ms_median"]
+            speedups.setdefault((op, mode), []).append(ratio)
+            speedup = f"{ratio:.2f}x"
         lines.append(f"| {op} | {mode} | {shape} | {mine} | {theirs} | {speedup} |")
     if not lines:
         return ""
-    return ("ours vs the fastest other provider (speedup = their time / ours; > 1: ours is faster)\n\n"
-            + head + "\n" + "\n".join(lines))
+    means = ["| op | mode | shapes | geometric-mean speedup | range |", "|---|---|---|---|---|"]
+    for (op, mode), ratios in speedups.items():
+        geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        means.append(f"| {op} | {mode} | {len(ratios)} | {geo:.2f}x | {min(ratios):.2f}x - {max(ratios):.2f}x |")
+    return ("ours vs the fastest other provider, per op and mode (geometric mean over the shapes where both were "
+            "measured)\n\n" + "\n".join(means) + "\n\n"
+            "per shape (speedup = their time / ours; > 1: ours is faster)\n\n" + head + "\n" + "\n".join(lines))
 
 
 def _fraction(row, ceilings) -> str:

@@ -136,3 +136,20 @@ def test_flex_runs_when_the_sequence_is_shorter_than_a_chunk():
     got = PROVIDERS["flex"].build(case)(q, k, v)
     want = routing_kernels.routed_attention(q, k, v, **case.call_kwargs())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_summary_gives_the_geometric_mean_speedup_per_op_and_mode():
+    from bench.report import summary_table
+
+    def row(provider, n, ms, mode="fwd"):
+        return {"op": "chunk_mean", "mode": mode, "shape": f"N={n}", "dtype": "float32", "provider": provider,
+                "status": "ok", "ms_median": ms}
+
+    rows = [row("ours", 1, 1.0), row("eager", 1, 2.0), row("compile", 1, 3.0),  # best other: 2x
+            row("ours", 2, 1.0), row("eager", 2, 8.0),  # 8x
+            row("ours", 3, 1.0), row("eager", 3, float("nan")) | {"status": "failed"},  # not counted
+            row("ours", 1, 2.0, "bwd"), row("eager", 1, 1.0, "bwd")]  # 0.5x
+    text = summary_table(rows, ["ours"])
+    assert "| chunk_mean | fwd | 2 | 4.00x | 2.00x - 8.00x |" in text  # sqrt(2 * 8)
+    assert "| chunk_mean | bwd | 1 | 0.50x | 0.50x - 0.50x |" in text
+    assert "| chunk_mean | fwd | N=3 | 1 ms | none measured | - |" in text
