@@ -9,6 +9,8 @@ import torch
 
 import routing_kernels as rk
 from routing_kernels._ext import has_kernel
+from shapes import CUDA_CASES as CASES
+from shapes import CUDA_HEADS as HEADS
 from shapes import make, num_seqs
 
 pytestmark = [pytest.mark.gpu,
@@ -73,22 +75,6 @@ def _fwd_bwd_both(x, query, cs, cu, ms, scale, to_cuda=_cuda, grads=None):
     for name, a, b in zip(NAMES, got, want):
         assert a.device.type == "cuda" and a.dtype == b.dtype and a.shape == b.shape, name
     return got, want
-
-
-# (id, layout, chunk_size): the boundaries the per-chunk work items must get right.
-CASES = [
-    ("dense_ragged_tail", {"B": 2, "N": 37}, 8),             # N not a multiple of chunk_size: short last chunk
-    ("dense_chunk1", {"B": 1, "N": 19}, 1),                  # every token its own chunk
-    ("dense_chunk_gt_N", {"B": 2, "N": 5}, 16),              # a single chunk shorter than chunk_size
-    ("dense_N0", {"B": 2, "N": 0}, 4),                       # no tokens: early return, zero summary
-    ("varlen_empty_mid", {"lengths": [7, 0, 33, 1]}, 4),     # an empty sequence: zero weights and summary
-    ("varlen_chunk1", {"lengths": [0, 5, 9]}, 1),
-    ("varlen_chunk_gt_max", {"lengths": [3, 0, 6]}, 64),     # chunk_size beyond every sequence
-    ("varlen_all_empty", {"lengths": [0, 0]}, 2),            # T = 0 with M > 0
-]
-# Two heads with a shared query and three with one query per sequence: with H = 2, D = 100 in fp16/bf16
-# (and D = 1 in fp64) a 16-byte vector straddles two heads; H = 3 makes most rows odd: the scalar path.
-HEADS = [(2, True), (3, False)]
 
 
 @pytest.mark.parametrize("heads,shared_query", HEADS, ids=["H2_query_shared", "H3_query_per_seq"])
