@@ -14,6 +14,19 @@ TORCH_LIBRARY_FRAGMENT(routing_kernels, m) {
   m.def(
       "chunk_route_bwd(Tensor dy, Tensor dweights, Tensor dsummary, Tensor x, Tensor query, Tensor weights,"
       " int chunk_size, Tensor? cu_seqlens, int max_seqlen, float scale) -> (Tensor, Tensor)");
+  // The same two ops over explicit chunk boundaries (dynamic chunking): packed x (T, H, D); chunk g spans tokens
+  // [cu_chunks[g], cu_chunks[g+1]) (int32, K+1 entries); sequence s owns chunks [seq_chunks[s], seq_chunks[s+1])
+  // (int32, S+1); outputs are padded to max_chunks per sequence. See routing_kernels/_layout.py (ChunkTable).
+  m.def("chunk_mean_table_fwd(Tensor x, Tensor cu_chunks, Tensor seq_chunks, int max_chunks) -> Tensor");
+  m.def(
+      "chunk_mean_table_bwd(Tensor grad_mean, Tensor x, Tensor cu_chunks, Tensor seq_chunks, int max_chunks)"
+      " -> Tensor");
+  m.def(
+      "chunk_route_table_fwd(Tensor x, Tensor query, Tensor cu_chunks, Tensor seq_chunks, int max_chunks,"
+      " float scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "chunk_route_table_bwd(Tensor dy, Tensor dweights, Tensor dsummary, Tensor x, Tensor query, Tensor weights,"
+      " Tensor cu_chunks, Tensor seq_chunks, int max_chunks, float scale) -> (Tensor, Tensor)");
   // MoBA-style routed attention: the chunk selection, forward and backward; see
   // include/routing_kernels/routed_attention.h.
   m.def(

@@ -19,13 +19,29 @@ def chunks_of(length, chunk_size):
     return [(s, min(s + chunk_size, length)) for s in range(0, length, chunk_size)]
 
 
-def chunk_mean(x, chunk_size, cu_seqlens=None, max_seqlen=None):
+def table_spans(cu_chunks, cu_seqlens):
+    """Per sequence, its chunks as (start, end) token ranges relative to the sequence's first token, read off
+    explicit packed boundaries one by one."""
+    bounds, cu = cu_chunks.tolist(), cu_seqlens.tolist()
+    spans = []
+    for s in range(len(cu) - 1):
+        cuts = [b for b in bounds if cu[s] <= b <= cu[s + 1]]
+        spans.append([(a - cu[s], b - cu[s]) for a, b in zip(cuts[:-1], cuts[1:])])
+    return spans
+
+
+def _spans(s, length, chunk_size, spans):
+    return chunks_of(length, chunk_size) if spans is None else spans[s]
+
+
+def chunk_mean(x, chunk_size, cu_seqlens=None, max_seqlen=None, spans=None, max_chunks=None):
+    """``spans`` (from table_spans) replaces the integer chunk_size; ``max_chunks`` then sizes the output."""
     seqs = sequences(x, cu_seqlens)
     n_max = x.shape[1] if cu_seqlens is None else max_seqlen
-    m = math.ceil(n_max / chunk_size)
+    m = math.ceil(n_max / chunk_size) if spans is None else max_chunks
     out = torch.zeros(len(seqs), m, *x.shape[-2:], dtype=torch.float64)
     for s, xs in enumerate(seqs):
-        for i, (a, b) in enumerate(chunks_of(xs.shape[0], chunk_size)):
+        for i, (a, b) in enumerate(_spans(s, xs.shape[0], chunk_size, spans)):
             total = torch.zeros(x.shape[-2:], dtype=torch.float64)
             for t in range(a, b):
                 total += xs[t]
@@ -33,21 +49,21 @@ def chunk_mean(x, chunk_size, cu_seqlens=None, max_seqlen=None):
     return out
 
 
-def chunk_mean_backward(grad_mean, x, chunk_size, cu_seqlens=None):
+def chunk_mean_backward(grad_mean, x, chunk_size, cu_seqlens=None, spans=None):
     """dx (float64, x's shape): every token of chunk i of sequence s gets grad_mean[s, i] / |chunk i|."""
     seqs = sequences(x, cu_seqlens)
     bos = [0] if cu_seqlens is None else cu_seqlens.tolist()
     dx = torch.zeros(x.shape, dtype=torch.float64).reshape(-1, *x.shape[-2:])
     for s, xs in enumerate(seqs):
         first = s * x.shape[1] if cu_seqlens is None else bos[s]
-        for i, (a, b) in enumerate(chunks_of(xs.shape[0], chunk_size)):
+        for i, (a, b) in enumerate(_spans(s, xs.shape[0], chunk_size, spans)):
             for t in range(a, b):
                 dx[first + t] = grad_mean[s, i].double() / (b - a)
     return dx.reshape(x.shape)
 
 
-def chunk_route(x, query, chunk_size, cu_seqlens=None, max_seqlen=None, scale=None):
-    means = chunk_mean(x, chunk_size, cu_seqlens, max_seqlen)
+def chunk_route(x, query, chunk_size, cu_seqlens=None, max_seqlen=None, scale=None, spans=None, max_chunks=None):
+    means = chunk_mean(x, chunk_size, cu_seqlens, max_seqlen, spans, max_chunks)
     seqs = sequences(x, cu_seqlens)
     h, d = x.shape[-2:]
     scale = d ** -0.5 if scale is None else scale
@@ -56,15 +72,15 @@ def chunk_route(x, query, chunk_size, cu_seqlens=None, max_seqlen=None, scale=No
     summary = torch.zeros(len(seqs), h, d, dtype=torch.float64)
     ys = []
     for s, xs in enumerate(seqs):
-        spans = chunks_of(xs.shape[0], chunk_size)
+        seq_spans = _spans(s, xs.shape[0], chunk_size, spans)
         y = torch.zeros_like(xs)
         for head in range(h):
             qv = (query if query.dim() == 2 else query[s])[head].double()
-            scores = [scale * float(torch.dot(qv, means[s, i, head])) for i in range(len(spans))]
+            scores = [scale * float(torch.dot(qv, means[s, i, head])) for i in range(len(seq_spans))]
             if scores:
                 top = max(scores)
                 exps = [math.exp(v - top) for v in scores]
-                for i, (a, b) in enumerate(spans):
+                for i, (a, b) in enumerate(seq_spans):
                     w = exps[i] / sum(exps)
                     weights[s, head, i] = w
                     summary[s, head] += w * means[s, i, head]

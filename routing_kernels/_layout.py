@@ -5,7 +5,7 @@ Every op accepts either a dense batch ``(B, N, ...)`` or a packed varlen batch `
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -60,16 +60,43 @@ def token_positions(cu_seqlens: Tensor, num_tokens: int) -> tuple[Tensor, Tensor
     return seq, pos
 
 
-def chunk_slots(p: Packed, chunk_size: int) -> tuple[Tensor, int]:
+class ChunkTable(NamedTuple):
+    """Explicit chunk boundaries of a packed batch (dynamic chunking).
+
+    Chunk g spans packed tokens ``[cu_chunks[g], cu_chunks[g+1])``; sequence s owns the chunks
+    ``[seq_chunks[s], seq_chunks[s+1])`` (none when it is empty); ``max_chunks`` bounds how many one sequence
+    owns and sizes the padded outputs ``(S, max_chunks, ...)``."""
+
+    cu_chunks: Tensor  # (K+1,) int32, 0 = cu_chunks[0] < ... < cu_chunks[K] = T
+    seq_chunks: Tensor  # (S+1,) int32
+    max_chunks: int
+
+
+# How a batch is cut: one chunk size for every sequence, or an explicit table.
+Chunking = Union[int, ChunkTable]
+
+
+def seq_chunk_offsets(cu_chunks: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """(S+1,) int32: the index in cu_chunks of each sequence's first chunk (on the device, no sync). An empty
+    sequence gets the same index as the next one, so it owns no chunk."""
+    return torch.searchsorted(cu_chunks.to(torch.int64), cu_seqlens.to(torch.int64)).to(torch.int32)
+
+
+def chunk_slots(p: Packed, chunking: Chunking) -> tuple[Tensor, int]:
     """Flat index ``seq * M + chunk`` of every token's chunk, and M (chunks of the longest sequence)."""
-    num_chunks = ceil_div(p.max_seqlen, chunk_size)
     seq, pos = token_positions(p.cu_seqlens, p.data.shape[0])
-    return seq * num_chunks + pos // chunk_size, num_chunks
+    if isinstance(chunking, ChunkTable):
+        tokens = torch.arange(p.data.shape[0], device=p.data.device)
+        g = torch.searchsorted(chunking.cu_chunks.to(torch.int64), tokens, right=True) - 1
+        local = g - chunking.seq_chunks.to(torch.int64)[seq]
+        return seq * chunking.max_chunks + local, chunking.max_chunks
+    num_chunks = ceil_div(p.max_seqlen, chunking)
+    return seq * num_chunks + pos // chunking, num_chunks
 
 
-def chunk_sums(p: Packed, chunk_size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def chunk_sums(p: Packed, chunking: Chunking, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """Per-chunk sums ``(S, M, *feature)`` in ``dtype``, token counts ``(S, M)`` and the token slots."""
-    slots, m = chunk_slots(p, chunk_size)
+    slots, m = chunk_slots(p, chunking)
     feat = p.data.shape[1:]
     sums = p.data.new_zeros((p.num_seqs * m, *feat), dtype=dtype)
     sums = sums.index_add(0, slots, p.data.to(dtype))
@@ -77,14 +104,23 @@ def chunk_sums(p: Packed, chunk_size: int, dtype: torch.dtype) -> tuple[Tensor, 
     return sums.view(p.num_seqs, m, *feat), counts.view(p.num_seqs, m), slots
 
 
-def chunk_means(p: Packed, chunk_size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def chunk_means(p: Packed, chunking: Chunking, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """Per-chunk means ``(S, M, *feature)`` (zero for chunks a sequence lacks), counts, token slots."""
-    sums, counts, slots = chunk_sums(p, chunk_size, dtype)
+    sums, counts, slots = chunk_sums(p, chunking, dtype)
     shape = counts.shape + (1,) * (sums.dim() - 2)
     return sums / counts.clamp(min=1).view(shape).to(dtype), counts, slots
 
 
-def valid_chunks(p: Packed, chunk_size: int, num_chunks: int) -> Tensor:
+def valid_chunks(p: Packed, chunking: Chunking, num_chunks: int) -> Tensor:
     """(S, M) bool: chunk i exists in sequence s."""
-    per_seq = (p.cu_seqlens.diff() + chunk_size - 1) // chunk_size
+    if isinstance(chunking, ChunkTable):
+        per_seq = chunking.seq_chunks.to(torch.int64).diff()
+    else:
+        per_seq = (p.cu_seqlens.diff() + chunking - 1) // chunking
     return torch.arange(num_chunks, device=per_seq.device) < per_seq[:, None]
+
+
+def pack_table(x: Tensor, table: ChunkTable) -> Packed:
+    """A packed (T, ...) batch cut by ``table``: its sequences are where the table says they start."""
+    cu = table.cu_chunks.to(torch.int64)[table.seq_chunks.to(torch.int64)]
+    return Packed(x, cu, 0, None)  # max_seqlen only sizes the integer chunking: unused (and unread) here
