@@ -23,7 +23,14 @@ from ._backend import check_backend
 from ._keys import Keys, check_block_index_values
 from ._layout import ceil_div
 from ._validation import check_cu_seqlens_values, is_compiling, resolve_max_seqlen, should_read_values
+from .chunking import check_table_shape, check_table_values, dense_offsets, resolve_max_chunks
+from ._layout import seq_chunk_offsets
+from ._validation import check_cu_seqlens_shape, check_tensor
 from .ops.chunk_mean.op import check_args as _check_chunk_mean
+from .ops.chunk_mean.reference import chunk_mean_table_ref
+from .ops.chunk_mean.table_op import check_args as _check_chunk_mean_table
+from .ops.chunk_route.reference import chunk_route_table_ref
+from .ops.chunk_route.table_op import check_args as _check_chunk_route_table
 from .ops.chunk_mean.reference import chunk_mean_ref
 from .ops.chunk_route.op import check_args as _check_chunk_route
 from .ops.chunk_route.reference import chunk_route_ref
@@ -51,19 +58,47 @@ def _prepare(check, x: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: Optiona
     return max_seqlen
 
 
-def chunk_mean(x: Tensor, chunk_size: int, *, cu_seqlens: Optional[Tensor] = None,
-               max_seqlen: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
-    """Mean of x over each chunk of ``chunk_size`` consecutive tokens of every sequence.
+def _table_layout(x: Tensor, chunk_size, cu_seqlens: Optional[Tensor], cu_chunks, max_chunks, backend) -> tuple:
+    """Dynamic chunking: x as packed tokens (a dense batch is read as B sequences of N), its cu_seqlens, and
+    max_chunks filled in. Metadata checks here; the ops validate the tables' values."""
+    check_backend(backend)
+    check_tensor("x", x, varlen=cu_seqlens is not None)
+    check_table_shape(cu_chunks, 0 if max_chunks is None else max_chunks, x, chunk_size)
+    if cu_seqlens is None:
+        xp, cu = x.reshape(-1, *x.shape[2:]), dense_offsets(x.shape[0], x.shape[1], x.device)
+    else:
+        check_cu_seqlens_shape(cu_seqlens, 0, x)
+        xp, cu = x, cu_seqlens
+    return xp, cu, resolve_max_chunks(cu_chunks, cu, max_chunks)
+
+
+def _reference_table(xp: Tensor, cu: Tensor, cu_chunks: Tensor, max_chunks: int) -> Tensor:
+    """The reference path does not go through an op: validate the table here; return seq_chunks."""
+    if not is_compiling():
+        check_table_values(cu_chunks, cu, xp.shape[0], max_chunks)
+    return seq_chunk_offsets(cu_chunks, cu)
+
+
+def chunk_mean(x: Tensor, chunk_size: Optional[int] = None, *, cu_seqlens: Optional[Tensor] = None,
+               max_seqlen: Optional[int] = None, cu_chunks: Optional[Tensor] = None, max_chunks: Optional[int] = None,
+               backend: Optional[str] = None) -> Tensor:
+    """Mean of x over each chunk of ``chunk_size`` consecutive tokens of every sequence, or over explicit
+    chunk boundaries ``cu_chunks`` (dynamic chunking, see :mod:`routing_kernels.chunking`).
 
     Args:
         x: (B, N, H, D), or packed (T, H, D) with ``cu_seqlens``; fp16 / bf16 / fp32 (fp64 on CPU).
         chunk_size: tokens per chunk, >= 1. Chunk i covers [i*chunk_size, min((i+1)*chunk_size, L)).
         cu_seqlens: optional int32 (S+1,) sequence offsets into T: starts at 0, non-decreasing, ends at T.
         max_seqlen: longest sequence length; computed from cu_seqlens when None (a device sync).
+        cu_chunks: instead of chunk_size (which must then be None): int32 (K+1,) chunk boundaries on the packed
+            tokens (a dense batch's tokens read as B*N), starting at 0, strictly increasing, ending at T and
+            containing every offset of cu_seqlens. Build it with :func:`routing_kernels.chunk_boundaries`.
+        max_chunks: the most chunks one sequence has (the output's M); computed when None (a device sync).
         backend: None, "reference", "triton" (not fp64), "cpu" or "cuda" (see module docstring).
     Returns:
         (B, M, H, D) with M = ceil(N / chunk_size), or (S, M_max, H, D) for varlen with zeros where a
-        sequence has no such chunk; x's dtype, accumulated in fp32 (fp64 for fp64).
+        sequence has no such chunk (M = max_chunks with cu_chunks); x's dtype, accumulated in fp32 (fp64 for
+        fp64).
     Raises:
         ValueError / TypeError naming the argument: wrong rank or dtype, chunk_size < 1, malformed
         cu_seqlens, unavailable backend.
@@ -75,6 +110,14 @@ def chunk_mean(x: Tensor, chunk_size: int, *, cu_seqlens: Optional[Tensor] = Non
         >>> chunk_mean(torch.randn(130, 4, 64), 32, cu_seqlens=cu).shape
         torch.Size([3, 3, 4, 64])
     """
+    if cu_chunks is not None:
+        xp, cu, max_chunks = _table_layout(x, chunk_size, cu_seqlens, cu_chunks, max_chunks, backend)
+        _check_chunk_mean_table(xp, cu_chunks, cu, max_chunks)
+        if backend == "reference":
+            return chunk_mean_table_ref(xp, cu_chunks, _reference_table(xp, cu, cu_chunks, max_chunks), max_chunks)
+        return torch.ops.routing_kernels.chunk_mean_table(xp, cu_chunks, cu, max_chunks, backend=backend)
+    if chunk_size is None:
+        raise ValueError("chunk_size is required unless cu_chunks is given")
     max_seqlen = _prepare(_check_chunk_mean, x, cu_seqlens, max_seqlen, backend, x, chunk_size)
     if backend == "reference":
         return chunk_mean_ref(x, chunk_size, cu_seqlens, max_seqlen)
@@ -82,9 +125,9 @@ def chunk_mean(x: Tensor, chunk_size: int, *, cu_seqlens: Optional[Tensor] = Non
                                                 backend=backend)
 
 
-def chunk_route(x: Tensor, query: Tensor, chunk_size: int, *, cu_seqlens: Optional[Tensor] = None,
-                max_seqlen: Optional[int] = None, scale: Optional[float] = None,
-                backend: Optional[str] = None) -> ChunkRouteOutput:
+def chunk_route(x: Tensor, query: Tensor, chunk_size: Optional[int] = None, *, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None, scale: Optional[float] = None, cu_chunks: Optional[Tensor] = None,
+                max_chunks: Optional[int] = None, backend: Optional[str] = None) -> ChunkRouteOutput:
     """Classic chunk routing: score each chunk's mean against a query, softmax, weight the chunks.
 
     Per sequence and head: ``s_i = scale * <query, mean_i>``, ``w = softmax_i(s)`` over that sequence's
@@ -93,8 +136,9 @@ def chunk_route(x: Tensor, query: Tensor, chunk_size: int, *, cu_seqlens: Option
     Args:
         x: (B, N, H, D), or packed (T, H, D) with ``cu_seqlens``; fp16 / bf16 / fp32 (fp64 on CPU).
         query: (H, D) shared by all sequences, or (B, H, D) / (S, H, D) per sequence; x's dtype.
-        chunk_size: tokens per chunk, >= 1.
+        chunk_size: tokens per chunk, >= 1 (None with cu_chunks).
         cu_seqlens, max_seqlen: varlen layout, as in :func:`chunk_mean`.
+        cu_chunks, max_chunks: explicit chunk boundaries instead of chunk_size, as in :func:`chunk_mean`.
         scale: score scale, default D ** -0.5.
         backend: None, "reference", "triton" (not fp64), "cpu" or "cuda" (see module docstring).
     Returns:
@@ -108,6 +152,10 @@ def chunk_route(x: Tensor, query: Tensor, chunk_size: int, *, cu_seqlens: Option
         >>> cu = torch.tensor([0, 70, 130], dtype=torch.int32)
         >>> out = chunk_route(torch.randn(130, 4, 64), torch.randn(2, 4, 64), 32, cu_seqlens=cu)
     """
+    if cu_chunks is not None:
+        return _chunk_route_table(x, query, chunk_size, cu_seqlens, scale, cu_chunks, max_chunks, backend)
+    if chunk_size is None:
+        raise ValueError("chunk_size is required unless cu_chunks is given")
     max_seqlen = _prepare(_check_chunk_route, x, cu_seqlens, max_seqlen, backend, x, query, chunk_size,
                           scale=scale)
     if backend == "reference":
@@ -115,6 +163,18 @@ def chunk_route(x: Tensor, query: Tensor, chunk_size: int, *, cu_seqlens: Option
     return ChunkRouteOutput(*torch.ops.routing_kernels.chunk_route(x, query, chunk_size, cu_seqlens=cu_seqlens,
                                                                    max_seqlen=max_seqlen, scale=scale,
                                                                    backend=backend))
+
+
+def _chunk_route_table(x, query, chunk_size, cu_seqlens, scale, cu_chunks, max_chunks, backend) -> ChunkRouteOutput:
+    xp, cu, max_chunks = _table_layout(x, chunk_size, cu_seqlens, cu_chunks, max_chunks, backend)
+    _check_chunk_route_table(xp, query, cu_chunks, cu, max_chunks, scale)
+    if backend == "reference":
+        seq_chunks = _reference_table(xp, cu, cu_chunks, max_chunks)
+        y, w, summary = chunk_route_table_ref(xp, query, cu_chunks, seq_chunks, max_chunks, scale)
+    else:
+        y, w, summary = torch.ops.routing_kernels.chunk_route_table(xp, query, cu_chunks, cu, max_chunks, scale=scale,
+                                                                    backend=backend)
+    return ChunkRouteOutput(y.reshape(x.shape), w, summary)
 
 
 def select_chunks(q: Tensor, k: Tensor, chunk_size: int, top_k: int, *, causal: bool = True,

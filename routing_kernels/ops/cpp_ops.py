@@ -83,9 +83,24 @@ def _register_fakes():
         return (q.new_empty((*q.shape[:-1], v_cache.shape[-1])),
                 q.new_empty(q.shape[:-1], dtype=accum_dtype(q.dtype)))
 
+    def chunk_mean_table_fwd(x, cu_chunks, seq_chunks, max_chunks):
+        return x.new_empty((seq_chunks.shape[0] - 1, max_chunks, *x.shape[1:]))
+
+    def chunk_mean_table_bwd(grad_mean, x, cu_chunks, seq_chunks, max_chunks):
+        return _contiguous_like(x)
+
+    def chunk_route_table_fwd(x, query, cu_chunks, seq_chunks, max_chunks, scale):
+        s, (h, d) = seq_chunks.shape[0] - 1, x.shape[1:]
+        return (x.new_empty(x.shape), x.new_empty((s, h, max_chunks), dtype=accum_dtype(x.dtype)),
+                x.new_empty((s, h, d)))
+
+    def chunk_route_table_bwd(dy, dweights, dsummary, x, query, weights, cu_chunks, seq_chunks, max_chunks, scale):
+        return _contiguous_like(x), _contiguous_like(query)
+
     for fn in (chunk_mean_fwd, chunk_mean_bwd, chunk_route_fwd, chunk_route_bwd, route_chunks_fwd,
                routed_attention_fwd, routed_attention_bwd, routed_decode_fwd, route_chunks_inference_fwd,
-               routed_attention_inference_fwd, routed_attention_inference_bwd):
+               routed_attention_inference_fwd, routed_attention_inference_bwd, chunk_mean_table_fwd,
+               chunk_mean_table_bwd, chunk_route_table_fwd, chunk_route_table_bwd):
         if _declared(fn.__name__):
             torch.library.register_fake(_NS + fn.__name__, fn)
 
@@ -140,6 +155,31 @@ def _register_autograd():
                                                         cu_k, used, max_q, max_k, scale, block_indices)
         return (dq, dk, dv) + (None,) * 10
 
+    def table_mean_setup(ctx, inputs, output):
+        x, cu_chunks, seq_chunks, max_chunks = inputs
+        ctx.save_for_backward(x, cu_chunks, seq_chunks)
+        ctx.max_chunks = max_chunks
+
+    def table_mean_backward(ctx, grad_mean):
+        x, cu_chunks, seq_chunks = ctx.saved_tensors
+        return ops.chunk_mean_table_bwd(grad_mean, x, cu_chunks, seq_chunks, ctx.max_chunks), None, None, None
+
+    def table_route_setup(ctx, inputs, output):
+        x, query, cu_chunks, seq_chunks, max_chunks, scale = inputs
+        ctx.save_for_backward(x, query, output[1], cu_chunks, seq_chunks)
+        ctx.args = (max_chunks, scale)
+
+    def table_route_backward(ctx, dy, dweights, dsummary):
+        x, query, weights, cu_chunks, seq_chunks = ctx.saved_tensors
+        dx, dq = ops.chunk_route_table_bwd(dy, dweights, dsummary, x, query, weights, cu_chunks, seq_chunks,
+                                           *ctx.args)
+        return dx, dq, None, None, None, None
+
+    if _declared("chunk_mean_table_fwd"):
+        torch.library.register_autograd(_NS + "chunk_mean_table_fwd", table_mean_backward,
+                                        setup_context=table_mean_setup)
+        torch.library.register_autograd(_NS + "chunk_route_table_fwd", table_route_backward,
+                                        setup_context=table_route_setup)
     if _declared("routed_attention_inference_fwd"):
         torch.library.register_autograd(_NS + "routed_attention_inference_fwd", inference_backward,
                                         setup_context=inference_setup)
@@ -147,7 +187,8 @@ def _register_autograd():
         torch.library.register_autograd(_NS + "chunk_mean_fwd", chunk_mean_backward, setup_context=chunk_mean_setup)
     torch.library.register_autograd(_NS + "chunk_route_fwd", chunk_route_backward, setup_context=chunk_route_setup)
     torch.library.register_autograd(_NS + "routed_attention_fwd", attention_backward, setup_context=attention_setup)
-    for name in ("chunk_mean_bwd", "chunk_route_bwd", "routed_attention_bwd", "routed_attention_inference_bwd"):
+    for name in ("chunk_mean_bwd", "chunk_route_bwd", "routed_attention_bwd", "routed_attention_inference_bwd",
+                 "chunk_mean_table_bwd", "chunk_route_table_bwd"):
         if _declared(name):
             torch.library.register_autograd(_NS + name, _no_double_backward(name))
     # route_chunks_fwd returns int32 indices: nothing to differentiate. routed_decode_fwd is a forward kernel only
