@@ -14,6 +14,7 @@ Traffic conventions (GB/s ops), with X = B*N*H*D*itemsize, Y = B*M*H*D*itemsize,
                    K/V rows of the chunks the kv groups select (their union) + write o; provider "append": one
                    token per sequence appended (bench/decode.py)
   fwd+bwd = fwd + bwd: each pass moves its own bytes.
+  cu_chunks cases (dynamic chunking) are scored with the same formulas, M = N / C (C the mean chunk size).
 FLOP convention (routed_attention, TFLOP/s): 2*D (q.k) + 2*Dv (p.v) per (query, key) pair that the
 selection and the causal mask allow; D == Dv here, so 4*D per pair. Routing scores (q against chunk
 means) are not counted. Backward = 2.5 x forward (FlashAttention's convention: 5 matmuls vs 2);
@@ -22,6 +23,7 @@ fwd+bwd = 3.5 x forward.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Optional
 
@@ -47,6 +49,9 @@ class Case:
     # providers this case is sized away from, with the reason: ((provider, reason), ...). Such pairs get a
     # row with status "n/a" and the reason, never a silent gap (e.g. the O(N^2) eager reference at 16K)
     sized_away: tuple = ()
+    # dynamic chunking (chunk ops): None = the integer chunk_size path; "uniform" = the same chunks given as an
+    # explicit cu_chunks table; "random" = chunk sizes drawn uniformly in [1, 2*chunk-1] (mean ~chunk)
+    chunking: Optional[str] = None
 
     # ---- description -------------------------------------------------------------------------
     @property
@@ -54,7 +59,8 @@ class Case:
         if self.op in ATTENTION_OPS:
             return (f"B={self.B} N={self.N} Hq={self.H} Hkv={self.hkv} D={self.D} "
                     f"C={self.chunk} k={self.top_k}")
-        return f"B={self.B} N={self.N} H={self.H} D={self.D} C={self.chunk}"
+        table = f" cu_chunks={self.chunking}" if self.chunking else ""
+        return f"B={self.B} N={self.N} H={self.H} D={self.D} C={self.chunk}{table}"
 
     @property
     def family(self) -> str:
@@ -100,7 +106,25 @@ class Case:
         """Keyword arguments shared by the public function and its eager reference."""
         if self.op in ATTENTION_OPS:
             return {"chunk_size": self.chunk, "top_k": self.top_k, "causal": True}
+        if self.chunking:
+            cu_chunks, max_chunks = self.chunk_table()
+            return {"cu_chunks": cu_chunks, "max_chunks": max_chunks}
         return {"chunk_size": self.chunk}
+
+    def chunk_table(self) -> tuple:
+        """(cu_chunks, max_chunks) of a dynamic-chunking case over the dense batch read as packed tokens."""
+        from routing_kernels import chunk_boundaries
+
+        if self.chunking == "uniform":
+            return chunk_boundaries(batch=self.B, seqlen=self.N, chunk_size=self.chunk, device=self.device)
+        gen = torch.Generator().manual_seed(1234)
+        bounds, most = [0], 0
+        for b in range(self.B):
+            sizes = torch.randint(1, 2 * self.chunk, (self.N,), generator=gen).tolist()
+            cuts = [a for a in itertools.accumulate(sizes) if a < self.N] + [self.N]
+            bounds += [b * self.N + a for a in cuts]
+            most = max(most, len(cuts))
+        return torch.tensor(bounds, dtype=torch.int32, device=self.device), most
 
     def pick_outputs(self, out) -> tuple:
         """The tensors a benchmark keeps and backpropagates: all of chunk_route's outputs,
@@ -178,6 +202,7 @@ def default_cases(device: str, quick: bool = False, full: bool = False) -> list:
     if quick:  # seconds-long smoke run
         dt = torch.bfloat16 if cuda else torch.float32
         chunk = [Case(op, 2, 256, 2, 16, 64, dt, device) for op in ("chunk_mean", "chunk_route")]
+        chunk.append(Case("chunk_route", 2, 256, 2, 16, 64, dt, device, chunking="random"))
         attn = [Case(op, 1, 256, 4, 16, 64, dt, device, hkv=2, top_k=2) for op in ATTENTION_OPS]
         return chunk + attn  # routed_decode's quick case: N=256, chunk 64, top_k 2 (decode.make_inputs)
     if not cuda:
@@ -274,6 +299,9 @@ def _cpu_cases(device: str, full: bool) -> list:
 
     chunk = [Case(op, 4, n, 8, 64, 128, torch.float32, device, sized_away=sized_away(op, n))
              for op in ("chunk_mean", "chunk_route") for n in lengths[op]]
+    # dynamic chunking on the target shape: the integer path's chunks as a table, and random chunk sizes
+    chunk += [Case("chunk_route", 4, 8192, 8, 64, 128, torch.float32, device, chunking=chunking,
+                   sized_away=() if full else (("compile", _COMPILE_CPU),)) for chunking in ("uniform", "random")]
     attn = [Case(op, 1, n, 8, 64, 512, torch.float32, device, hkv=hkv, top_k=4, sized_away=sized_away(op, n, hkv))
             for op in ("route_chunks", "routed_attention") for n in lengths[op]
             for hkv in (8, 2)]  # a time budget cuts the long N
