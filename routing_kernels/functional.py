@@ -27,6 +27,7 @@ from .chunking import check_table_shape, check_table_values, dense_offsets, reso
 from ._layout import seq_chunk_offsets
 from ._validation import check_cu_seqlens_shape, check_tensor
 from .ops.chunk_mean.op import check_args as _check_chunk_mean
+from .ops.chunk_mean.op import eager_cpu_call as _chunk_mean_eager_cpu
 from .ops.chunk_mean.reference import chunk_mean_table_ref
 from .ops.chunk_mean.table_op import check_args as _check_chunk_mean_table
 from .ops.chunk_route.reference import chunk_route_table_ref
@@ -121,6 +122,10 @@ def chunk_mean(x: Tensor, chunk_size: Optional[int] = None, *, cu_seqlens: Optio
     max_seqlen = _prepare(_check_chunk_mean, x, cu_seqlens, max_seqlen, backend, x, chunk_size)
     if backend == "reference":
         return chunk_mean_ref(x, chunk_size, cu_seqlens, max_seqlen)
+    if not is_compiling():
+        out = _chunk_mean_eager_cpu(x, chunk_size, cu_seqlens, max_seqlen, backend)
+        if out is not None:
+            return out
     return torch.ops.routing_kernels.chunk_mean(x, chunk_size, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                                 backend=backend)
 

@@ -104,3 +104,30 @@ def _backward(ctx, grad_mean):
 
 
 chunk_mean.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerCpu(torch.autograd.Function):
+    """The same CPU kernels as the op, for eager calls: a plain autograd.Function dispatches in a fraction of a
+    custom op's Python layers (forward, setup_context, the backward op), ~0.1 ms per fwd+bwd, which at N=1024
+    (B=4, H=8, D=64) is a sixth of the whole call. torch.compile keeps tracing the custom op."""
+
+    @staticmethod
+    def forward(ctx, x, chunk_size, cu_seqlens, max_seqlen):
+        ctx.save_for_backward(x, cu_seqlens)
+        ctx.chunk_size, ctx.max_seqlen = chunk_size, max_seqlen
+        return KERNELS["cpu"](x, chunk_size, cu_seqlens, max_seqlen)
+
+    @staticmethod
+    def backward(ctx, grad_mean):
+        x, cu_seqlens = ctx.saved_tensors
+        return BACKWARD_KERNELS["cpu"](grad_mean, x, ctx.chunk_size, cu_seqlens, ctx.max_seqlen), None, None, None
+
+
+def eager_cpu_call(x: Tensor, chunk_size: int, cu_seqlens: Optional[Tensor], max_seqlen: Optional[int],
+                   backend: Optional[str]) -> Optional[Tensor]:
+    """chunk_mean through _EagerCpu when the op would run the CPU kernel (arguments already checked); None when it
+    would not (another backend, another device), so the caller goes through the op."""
+    if x.device.type != "cpu" or backend_for(x, backend) != "cpu":
+        return None
+    cu_seqlens = prepare_offsets(cu_seqlens, max_seqlen, x.shape[0])
+    return _EagerCpu.apply(x, chunk_size, cu_seqlens, max_seqlen)
