@@ -178,6 +178,63 @@ def test_no_dense_dispatch_when_routing_skips_work_or_asked_otherwise(dense_call
     assert dense_calls == []
 
 
+@pytest.fixture
+def dense_cache_calls(monkeypatch):
+    calls = []
+    real = functional._dense_cache_attention
+    monkeypatch.setattr(functional, "_dense_cache_attention", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("lq", [1, 3])
+def test_dense_dispatch_when_the_cache_fits_in_top_k(dense_cache_calls, ran, causal, lq):
+    """A cache of capacity <= top_k * chunk_size: every query selects every chunk it may see, whatever the rows
+    hold, so the decode call is one masked SDPA over the cache (rows of different lengths, bottom-right causal)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, lq, 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(3, 20, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    used = torch.tensor([3, 11, 20], dtype=torch.int32)
+    a = [t.clone().requires_grad_() for t in (q, k, v)]
+    b = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = rk.routed_attention(*a, 4, 5, causal=causal, seqused_k=used)  # capacity 20 = 5 chunks of 4
+    assert dense_cache_calls == [1] and not ran
+    want = rk.routed_attention(*b, 4, 5, causal=causal, seqused_k=used, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    cot = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, a, cot), torch.autograd.grad(want, b, cot),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_no_dense_cache_dispatch_when_routing_can_skip(dense_cache_calls):
+    x, cache_kv = torch.randn(2, 1, 4, 8), torch.randn(2, 21, 2, 8)
+    used = torch.tensor([21, 21], dtype=torch.int32)
+    rk.routed_attention(x, cache_kv, cache_kv, 4, 5, seqused_k=used)  # capacity 21: 6 chunks > top_k 5
+    rk.routed_attention(x, cache_kv[:, :20], cache_kv[:, :20], 4, 5, seqused_k=used - 1, return_lse=True)
+    rk.routed_attention(x, cache_kv[:, :20], cache_kv[:, :20], 4, 5, seqused_k=used - 1, backend="reference")
+    assert dense_cache_calls == []
+    with pytest.raises(ValueError):  # the values are still checked: 2 queries but a row of 1 key
+        rk.routed_attention(torch.randn(2, 2, 4, 8), cache_kv[:, :20], cache_kv[:, :20], 4, 5,
+                            seqused_k=torch.tensor([1, 20], dtype=torch.int32))
+    assert dense_cache_calls == []
+
+
+def test_routed_kv_cache_runs_dense_while_its_rows_fit_in_top_k(dense_cache_calls):
+    cache = rk.RoutedKVCache(1, 2, 100, num_kv_heads=2, head_dim=8, chunk_size=8, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    kv = torch.randn(2, 30, 2, 8, generator=g, dtype=torch.float64)
+    cache.append(0, kv, kv)
+    q = torch.randn(2, 1, 4, 8, generator=g, dtype=torch.float64)
+    got = cache.attention(0, q, top_k=4)  # 30 keys <= 4 chunks of 8, capacity 100
+    assert dense_cache_calls == [1]
+    want = cache.attention(0, q, top_k=4, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    cache.append(0, kv[:, :3], kv[:, :3])  # 33 keys: 5 chunks > top_k 4, routing skips work again
+    got = cache.attention(0, q, top_k=4)
+    assert dense_cache_calls == [1]
+    torch.testing.assert_close(got, cache.attention(0, q, top_k=4, backend="reference"), rtol=1e-10, atol=1e-10)
+
+
 def test_dense_dispatch_under_compile():
     x = torch.randn(1, 8, 2, 8)
     torch._dynamo.reset()

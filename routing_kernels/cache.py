@@ -137,11 +137,15 @@ class RoutedKVCache:
         :func:`routing_kernels.routed_attention`. Returns o (and lse) in q's layout.
         """
         from .functional import routed_attention
+        from .ops.routed_attention.decode import trim_to_bound
         layer = self._layer(layer)
-        return routed_attention(q, self.k[layer], self.v[layer], self.chunk_size, top_k, causal=causal,
+        k, v, sums = self.k[layer], self.v[layer], self.key_sums[layer]
+        if block_indices is None and not return_lse and cu_seqlens_q is None:
+            k, v, sums = trim_to_bound(k, v, sums, self._bound[layer], self.chunk_size, top_k, backend)
+        return routed_attention(q, k, v, self.chunk_size, top_k, causal=causal,
                                 cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
                                 seqused_k=self.seqlens[layer], block_indices=block_indices,
-                                key_sums=self.key_sums[layer], scale=scale, return_lse=return_lse, backend=backend)
+                                key_sums=sums, scale=scale, return_lse=return_lse, backend=backend)
 
     # ---- checks ----
 

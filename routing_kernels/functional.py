@@ -299,6 +299,10 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: in
     elif (backend is None and plain and not return_lse
           and _routing_selects_everything(q, v, chunk_size, top_k, cu_seqlens)):
         return _dense_attention(q, k, v, causal, scale)
+    elif (backend is None and not return_lse and block_indices is None and _cache_fits_top_k(q, k, v, chunk_size,
+                                                                                           top_k, cu_seqlens, keys)):
+        _check_reference_values(q, k, chunk_size, causal, cu_seqlens, max_seqlen, keys)
+        return _dense_cache_attention(q, k, v, keys.seqused_k, causal, scale)
     else:
         o, lse = torch.ops.routing_kernels.routed_attention(q, k, v, chunk_size, top_k, causal=causal,
                                                             cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
@@ -339,6 +343,32 @@ def _routing_selects_everything(q: Tensor, v: Tensor, chunk_size: int, top_k: in
     SDPA has no varlen layout on every device."""
     return (cu_seqlens is None and q.shape[1] > 0 and top_k >= ceil_div(q.shape[1], chunk_size)
             and v.shape[-1] == q.shape[-1])
+
+
+def _cache_fits_top_k(q, k, v, chunk_size, top_k, cu_seqlens, keys) -> bool:
+    """A dense cache (seqused_k) of capacity <= top_k * chunk_size: whatever its rows hold, every query selects
+    every chunk it may see, so routed attention over it IS dense attention over each row's valid keys (a 4K
+    cache with top_k 8 of 512-token chunks: the decode kernels' gate and split would be pure overhead)."""
+    return (keys.seqused_k is not None and cu_seqlens is None and q.dim() == 4
+            and top_k >= ceil_div(k.shape[1], chunk_size) and v.shape[-1] == q.shape[-1])
+
+
+def _dense_cache_attention(q: Tensor, k: Tensor, v: Tensor, seqused_k: Tensor, causal: bool,
+                           scale: Optional[float]) -> Tensor:
+    """Dense attention of q (B, Lq, Hq, D), the last Lq positions of each row, over a cache (B, capacity, Hkv, D)
+    whose row b holds seqused_k[b] keys: one SDPA call with a (B, 1, Lq, capacity) mask built on the device (no
+    sync). Query i of row b sits at p = seqused_k[b] - Lq + i and sees keys j < seqused_k[b] (and j <= p when
+    causal)."""
+    lq, cap = q.shape[1], k.shape[1]
+    used = seqused_k.to(torch.int64)[:, None, None]  # (B, 1, 1)
+    keys = torch.arange(cap, device=q.device)[None, None, :]
+    allowed = keys < used
+    if causal:
+        allowed = allowed & (keys <= used - lq + torch.arange(lq, device=q.device)[None, :, None])
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed[:, None], scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2])
+    return o.transpose(1, 2).contiguous()
 
 
 def _dense_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float]) -> Tensor:

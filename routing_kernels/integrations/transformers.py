@@ -88,6 +88,9 @@ def routed_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor
     cached = kwargs.get(_CACHE_KEY)
     if attention_mask is None and cached is not None and q.shape[1] <= decode.MAX_QUERIES:
         k_cache, v_cache, seqlens, key_sums = cached  # RoutedCache's buffers: the decode path
+        # every row holds k.shape[1] keys: a cache within top_k chunks runs dense (see trim_to_bound)
+        k_cache, v_cache, key_sums = decode.trim_to_bound(k_cache, v_cache, key_sums, k.shape[1], chunk_size, top_k,
+                                                          backend)
         return routed_attention(q, k_cache, v_cache, chunk_size, top_k, causal=causal, seqused_k=seqlens,
                                 key_sums=key_sums, scale=scaling, backend=backend), None
     if attention_mask is None:
