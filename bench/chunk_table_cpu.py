@@ -73,9 +73,11 @@ def traffic(op, mode, m):
 
 
 def timed(fn):
-    t0 = time.perf_counter()
+    """(wall ms, this thread's CPU ms). On one thread the kernels run in the calling thread, and its CPU time
+    leaves out the time other processes held the core: steadier than wall time on a loaded machine."""
+    t0, c0 = time.perf_counter(), time.thread_time()
     fn()
-    return (time.perf_counter() - t0) * 1e3
+    return (time.perf_counter() - t0) * 1e3, (time.thread_time() - c0) * 1e3
 
 
 def measure(providers, reps):
@@ -116,15 +118,21 @@ def main():
     load0 = os.getloadavg()
     res = measure(providers, args.reps)
     load1 = os.getloadavg()
-    print(f"threads {torch.get_num_threads()}, reps {args.reps}, load average before {load0[0]:.2f} after {load1[0]:.2f}")
-    print(f"{'op':12s} {'mode':8s} {'provider':14s} {'median ms':>10s} {'p20':>7s} {'p80':>7s} {'GB/s':>6s} {'vs int':>7s}")
+    print(f"threads {torch.get_num_threads()}, reps {args.reps}, load average before {load0[0]:.2f} "
+          f"after {load1[0]:.2f}")
+    one = torch.get_num_threads() == 1
+    print(f"{'op':12s} {'mode':8s} {'provider':14s} {'median ms':>10s} {'p20':>7s} {'p80':>7s} {'GB/s':>6s} "
+          f"{'vs int':>7s}"
+          + (f" {'cpu ms':>7s} {'vs int':>7s}" if one else ""))
+    med = {key: statistics.median(w for w, _ in ts) for key, ts in res.items()}
+    cpu = {key: statistics.median(c for _, c in ts) for key, ts in res.items()}
     for (op, mode, name), ts in res.items():
-        med = statistics.median(ts)
-        q20, q80 = statistics.quantiles(ts, n=5)[0], statistics.quantiles(ts, n=5)[3]
+        key, base = (op, mode, name), (op, mode, "integer")
+        q20, _, _, q80 = statistics.quantiles([w for w, _ in ts], n=5)
         m = {"integer": N // C, "uniform_table": uniform[2], "random_table": rand[2]}[name]
-        ratio = med / statistics.median(res[(op, mode, "integer")])
-        print(f"{op:12s} {mode:8s} {name:14s} {med:10.2f} {q20:7.2f} {q80:7.2f} {traffic(op, mode, m) / med / 1e6:6.1f} "
-              f"{ratio:7.3f}")
+        print(f"{op:12s} {mode:8s} {name:14s} {med[key]:10.2f} {q20:7.2f} {q80:7.2f} "
+              f"{traffic(op, mode, m) / med[key] / 1e6:6.1f} {med[key] / med[base]:7.3f}"
+              + (f" {cpu[key]:7.2f} {cpu[key] / cpu[base]:7.3f}" if one else ""))
     if args.integer_only:
         return
     # 1000x skew: sequence 0 is one 24576-token chunk, sequence 1 is 8192 tokens in chunks of 24 (the last 8).
@@ -134,11 +142,11 @@ def main():
                       ("skewed_table fwd", lambda: ops.chunk_route_table_fwd(xs, q, *skew, SCALE)),
                       ("skewed mean fwd", lambda: ops.chunk_mean_table_fwd(xs, *skew))):
         times = {}
-        for threads in (1, torch.get_num_threads()):
+        for threads in (1, os.cpu_count()):
             torch.set_num_threads(threads)
             for _ in range(3):
                 fn()
-            times[threads] = statistics.median(timed(fn) for _ in range(args.reps))
+            times[threads] = statistics.median(timed(fn)[0] for _ in range(args.reps))
         torch.set_num_threads(max(times))
         print(f"{label:18s} 1 thread {times[1]:7.2f} ms, {max(times)} threads {times[max(times)]:7.2f} ms: "
               f"speedup {times[1] / times[max(times)]:.2f}x")

@@ -142,7 +142,8 @@ def test_uniform_table_matches_integer_kernels_bit_for_bit(lengths, chunk, heads
     query = _query(True, len(lengths), heads, dim, dtype)
     assert torch.equal(ops.chunk_mean_table_fwd(x, cu_chunks, seq_chunks, m), ops.chunk_mean_fwd(x, chunk, cu, ms))
     g = _randn((len(lengths), m, heads, dim), dtype, 4)
-    assert torch.equal(ops.chunk_mean_table_bwd(g, x, cu_chunks, seq_chunks, m), ops.chunk_mean_bwd(g, x, chunk, cu, ms))
+    assert torch.equal(ops.chunk_mean_table_bwd(g, x, cu_chunks, seq_chunks, m),
+                       ops.chunk_mean_bwd(g, x, chunk, cu, ms))
     fwd = ops.chunk_route_table_fwd(x, query, cu_chunks, seq_chunks, m, SCALE)
     for a, b in zip(fwd, ops.chunk_route_fwd(x, query, chunk, cu, ms, SCALE)):
         assert torch.equal(a, b)
@@ -179,7 +180,8 @@ def test_table_strided_and_expanded_inputs(poison):
         assert torch.equal(ops.chunk_mean_table_bwd(expanded, x, cu_chunks, seq_chunks, m),
                            chunk_mean_table_backward_ref(expanded, x, cu_chunks, seq_chunks, m))
         _, w, summary = ops.chunk_route_table_fwd(x, query, cu_chunks, seq_chunks, m, SCALE)
-        dy, dw, dsum = torch.ones(1, 1, 1).expand(x.shape), torch.zeros(1, 1, 1).expand(w.shape), torch.ones_like(summary)
+        dy, dw = torch.ones(1, 1, 1).expand(x.shape), torch.zeros(1, 1, 1).expand(w.shape)
+        dsum = torch.ones_like(summary)
         assert_close_scaled(ops.chunk_route_table_bwd(dy, dw, dsum, x, query, w, cu_chunks, seq_chunks, m, SCALE),
                             chunk_route_table_backward_ref(dy, dw, dsum, x, query, w, cu_chunks, seq_chunks, m, SCALE),
                             torch.float32)

@@ -83,7 +83,8 @@ at::Tensor chunk_mean_fwd_cpu(const at::Tensor& x, int64_t chunk_size, const std
   if (out.numel() == 0) {
     return out;
   }
-  chunk_mean_fwd_dispatch(x, out, UniformChunks(shape, shape.varlen ? cu.const_data_ptr<int32_t>() : nullptr, chunk_size));
+  const int32_t* p_cu = shape.varlen ? cu.const_data_ptr<int32_t>() : nullptr;
+  chunk_mean_fwd_dispatch(x, out, UniformChunks(shape, p_cu, chunk_size));
   return out;
 }
 
@@ -186,8 +187,8 @@ at::Tensor chunk_mean_bwd_cpu(const at::Tensor& grad_mean, const at::Tensor& x, 
     check_cu_seqlens_values(cu.const_data_ptr<int32_t>(), shape.num_seqs, shape.num_tokens, max_seqlen);
   }
   check_chunk_mean_grad(grad_mean, x, shape);  // after max_seqlen: grad_mean's M follows from it
-  return chunk_mean_bwd_dispatch(grad_mean, x,
-                                 UniformChunks(shape, shape.varlen ? cu.const_data_ptr<int32_t>() : nullptr, chunk_size));
+  const int32_t* p_cu = shape.varlen ? cu.const_data_ptr<int32_t>() : nullptr;
+  return chunk_mean_bwd_dispatch(grad_mean, x, UniformChunks(shape, p_cu, chunk_size));
 }
 
 at::Tensor chunk_mean_table_bwd_cpu(const at::Tensor& grad_mean, const at::Tensor& x, const at::Tensor& cu_chunks,

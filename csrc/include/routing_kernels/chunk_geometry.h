@@ -124,7 +124,9 @@ class TableChunks {
           continue;
         }
         const int64_t part_begin = num_parts_;
-        for (int64_t o = 0; o < len; o += split) pieces_.push_back({slot, first + o, std::min(split, len - o), len, num_parts_++});
+        for (int64_t o = 0; o < len; o += split) {
+          pieces_.push_back({slot, first + o, std::min(split, len - o), len, num_parts_++});
+        }
         splits_.push_back({slot, len, part_begin, num_parts_});
       }
     }
@@ -183,7 +185,9 @@ class TableChunks {
 struct CheckedTable {
   ChunkMeanShape shape;
   at::Tensor cu, seq;
-  TableChunks geometry() const { return TableChunks(shape, cu.const_data_ptr<int32_t>(), seq.const_data_ptr<int32_t>()); }
+  TableChunks geometry() const {
+    return TableChunks(shape, cu.const_data_ptr<int32_t>(), seq.const_data_ptr<int32_t>());
+  }
 };
 
 inline CheckedTable check_cpu_chunk_table(const at::Tensor& x, const at::Tensor& cu_chunks,
