@@ -1,5 +1,6 @@
 """The C++ CPU kernels on a tensor of more than 2^31 elements: chunk_mean_fwd, chunk_route_fwd and chunk_mean_bwd
-on an fp16 x of 2^31 + 2^23 elements (4.3 GB), checked exactly on chunks that lie beyond element 2^31, and
+(and chunk_mean_table_fwd / _bwd, the same chunks given as a table) on an fp16 x of 2^31 + 2^23 elements (4.3 GB),
+checked exactly on chunks that lie beyond element 2^31, and
 routed_attention_fwd on an fp32 q of 2^31 + 2^24 elements (8.7 GB; fp32 so that no fp32 copy of it is made).
 
 x is zero except a few chunks filled with one value per head (exact in fp16, so their mean is exact); one of them
@@ -134,11 +135,26 @@ def test_chunk_route_fwd_beyond_2_31(x):
     del y
 
 
-def test_chunk_mean_bwd_beyond_2_31(x):
+def _table():
+    """x's integer chunking (chunks of CS tokens per sequence) as a chunk table: (cu_chunks, seq_chunks, M)."""
+    starts = [s * N + a for s in range(B) for a in range(0, N, CS)]
+    return (torch.tensor(starts + [B * N], dtype=torch.int32), torch.tensor([0, M, 2 * M], dtype=torch.int32), M)
+
+
+def test_chunk_mean_table_fwd_beyond_2_31(x):
+    # The chunk-table kernel reaches tokens through cu_chunks (int32) times H * D: int64 products past 2^31.
+    assert torch.equal(ops.chunk_mean_table_fwd(x.view(B * N, H, D), *_table()), _expected_means())
+
+
+@pytest.mark.parametrize("table", [False, True], ids=["integer", "table"])
+def test_chunk_mean_bwd_beyond_2_31(x, table):
     grad = torch.zeros(B, M, H, D, dtype=torch.float16)
     for s, c, v0, v1 in SPECIAL:
         grad[s, c, 0], grad[s, c, 1] = v0 * 1000, v1 * 1000
-    dx = ops.chunk_mean_bwd(grad, x, CS, None, 0)
+    if table:
+        dx = ops.chunk_mean_table_bwd(grad, x.view(B * N, H, D), *_table()).view(B, N, H, D)
+    else:
+        dx = ops.chunk_mean_bwd(grad, x, CS, None, 0)
     for s, c, v0, v1 in SPECIAL:
         a, b = _span(c)
         count = b - a
