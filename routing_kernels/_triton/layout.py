@@ -101,6 +101,50 @@ def chunk_coords(cu_seqlens, chunk_size, num_chunks, num_heads):
     return i_s, i_c, i_h, bos + first, count
 
 
+def table_work(cu_chunks: torch.Tensor, seq_chunks: torch.Tensor, num_tokens: int, split: int):
+    """The work list of the chunk-table kernels: every (chunk, piece of <= `split` tokens) pair, on the device.
+
+    A chunk of L tokens becomes ceil(L / split) pieces, so a chunk 1000x longer than its neighbours is spread over
+    many programs instead of serializing on one. The list is seq_blocks over the chunks (cu_chunks read as
+    cu_seqlens); its length is bounded from shapes alone, sum_g ceil(L_g / split) <= K + T / split.
+    Returns (chunk_seq, piece_first, piece_chunk, num_pieces):
+        chunk_seq: (K,) int32, the sequence owning global chunk g (seq_chunks[s] <= g < seq_chunks[s+1]);
+        piece_first, piece_chunk, num_pieces: seq_blocks(cu_chunks, T, T, split) (programs past the last real
+            piece find a piece past the last chunk's end: zero tokens).
+    """
+    k = cu_chunks.numel() - 1
+    g = torch.arange(k, dtype=torch.int64, device=cu_chunks.device)
+    # seq_chunks[1:] entries <= g: the owner (right=True steps over the equal entries of empty sequences)
+    chunk_seq = torch.searchsorted(seq_chunks[1:].to(torch.int64), g, right=True, out_int32=True)
+    piece_first, piece_chunk, num_pieces = seq_blocks(cu_chunks, num_tokens, num_tokens, split)
+    return chunk_seq, piece_first, piece_chunk, num_pieces
+
+
+@triton.jit
+def chunk_work(cu_offsets, chunk_size, num_chunks, num_heads, seq_chunks, chunk_seq, piece_first, piece_chunk,
+               IS_TABLE: tl.constexpr):
+    """What one program of the chunk kernels covers: (seq, chunk in it, head, first token, tokens, tokens in the
+    whole chunk, is it the chunk's first piece), all int64 but the flag.
+    - integer chunks (IS_TABLE False): cu_offsets = cu_seqlens, a program per (seq, chunk, head) of the
+      S * num_chunks * num_heads grid (chunk_coords); the piece is the whole chunk (0 tokens past a sequence).
+    - chunk table (IS_TABLE True): cu_offsets = cu_chunks, chunk_size = the piece length `split`, a program per
+      (piece, head) of the table_work list (heads fastest); pieces past the list's end have 0 tokens."""
+    if IS_TABLE:
+        i_p, _, i_h = program_coords(1, num_heads)
+        i_g, i_k, bos, count = seq_block(cu_offsets, piece_first, piece_chunk, i_p)  # chunk, piece, its span
+        i_s = tl.load(chunk_seq + i_g).to(tl.int64)
+        i_c = i_g - tl.load(seq_chunks + i_s).to(tl.int64)
+        first = i_k * chunk_size
+        tok0 = bos + first
+        tokens = tl.minimum(tl.maximum(count - first, 0), chunk_size)
+        is_first = i_k == 0
+    else:
+        i_s, i_c, i_h, tok0, count = chunk_coords(cu_offsets, chunk_size, num_chunks, num_heads)
+        tokens = count
+        is_first = True
+    return i_s, i_c, i_h, tok0, tokens, count, is_first
+
+
 def key_layout(q: torch.Tensor, k: torch.Tensor, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k):
     """Keys of the launchers that accept queries shorter than keys (chunked prefill): returns (cu_seqlens_k,
     max_seqlen_k, separate) to hand to as_packed(k, ..) / chunk_mean_fwd, with separate = True when the keys

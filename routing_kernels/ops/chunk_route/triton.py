@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton.layout import as_packed, chunk_coords, program_coords, tiles
+from ..._triton.layout import as_packed, chunk_work, program_coords, tiles
 from ..chunk_mean.triton import chunk_mean_fwd
 
 
@@ -82,13 +82,15 @@ def softmax_backward_kernel(weights, dw, means, ds, dquery, num_chunks, num_head
 def chunk_scale_kernel(
     src, out, weights, ds, query, dsummary, cu_seqlens,
     stride_st, stride_sh, stride_ot, stride_oh, stride_qs, stride_qh, stride_gs, stride_gh,
-    chunk_size, num_chunks, num_heads, head_dim, scale,
-    IS_BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    chunk_size, num_chunks, num_heads, head_dim, scale, seq_chunks, chunk_seq, piece_first, piece_chunk,
+    IS_BACKWARD: tl.constexpr, IS_TABLE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per (seq, chunk, head), for every token t of the chunk:
         forward:  y_t  = w_c * x_t
-        backward: dx_t = w_c * dy_t + (scale * ds_c * query + w_c * dsummary) / |c|"""
-    i_s, i_c, i_h, tok0, count = chunk_coords(cu_seqlens, chunk_size, num_chunks, num_heads)
+        backward: dx_t = w_c * dy_t + (scale * ds_c * query + w_c * dsummary) / |c|
+    (IS_TABLE: for the tokens of one piece of a table chunk, routing_kernels/_triton/layout.py chunk_work)"""
+    i_s, i_c, i_h, tok0, tokens, count, _ = chunk_work(
+        cu_seqlens, chunk_size, num_chunks, num_heads, seq_chunks, chunk_seq, piece_first, piece_chunk, IS_TABLE)
     o_t = tl.arange(0, BLOCK_T)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < head_dim
@@ -99,9 +101,9 @@ def chunk_scale_kernel(
         b_g = tl.load(dsummary + i_s * stride_gs + i_h * stride_gh + o_d, mask=m_d, other=0.0)
         b_g = b_g.to(tl.float32)  # [BLOCK_D]
         b_add = (scale * tl.load(ds + p_w) * b_q + b_w * b_g) / tl.maximum(count, 1).to(tl.float32)  # [BLOCK_D]
-    for t0 in range(0, count, BLOCK_T):
+    for t0 in range(0, tokens, BLOCK_T):
         tok = tok0 + t0 + o_t
-        m = ((t0 + o_t) < count)[:, None] & m_d[None, :]
+        m = ((t0 + o_t) < tokens)[:, None] & m_d[None, :]
         p_src = src + tok[:, None] * stride_st + i_h * stride_sh + o_d[None, :]
         b_src = tl.load(p_src, mask=m, other=0.0)  # [BLOCK_T, BLOCK_D]
         b_out = b_w * b_src.to(tl.float32)
@@ -134,7 +136,8 @@ def _launch_scale(src, out, weights, ds, query, dsummary, cu, chunk_size, scale,
         src, out, weights, ds, query, dsummary, cu,
         src.stride(0), src.stride(1), out.stride(0), out.stride(1),
         query.stride(0), query.stride(1), dsummary.stride(0), dsummary.stride(1),
-        chunk_size, m, h, d, scale, IS_BACKWARD=is_backward, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+        chunk_size, m, h, d, scale, cu, cu, cu, cu, IS_BACKWARD=is_backward, IS_TABLE=False, BLOCK_T=block_t,
+        BLOCK_D=block_d, num_warps=4)
 
 
 def chunk_route_fwd(x, query, chunk_size, cu_seqlens, max_seqlen, scale):
