@@ -1,11 +1,11 @@
 """Triton kernels of chunk_mean, and the per-chunk passes that chunk_route builds on.
 
 Work is split one program per (sequence, chunk, head): the program streams its chunk's tokens in
-(BLOCK_T, BLOCK_D) tiles. With IS_TABLE the chunks come from a chunk table (dynamic chunking, triton_table.py)
-and a program covers one piece of <= `split` tokens of a chunk (routing_kernels/_triton/layout.py chunk_work):
-per-chunk sums then combine across pieces with fp32 atomic adds. Dense inputs are launched as varlen with cu_seqlens = arange(B+1) * N, so one
+(BLOCK_T, BLOCK_D) tiles. Dense inputs are launched as varlen with cu_seqlens = arange(B+1) * N, so one
 kernel serves both layouts (routing_kernels/_triton/layout.py). All token offsets are int64 (T * H * D passes
-2^31 for long inputs).
+2^31 for long inputs). With IS_TABLE the chunks come from a chunk table (dynamic chunking, triton_table.py) and
+a program covers one piece of <= `split` tokens of a chunk (layout.py chunk_work): the per-chunk terms then
+combine across pieces with fp32 atomic adds.
 """
 from __future__ import annotations
 
