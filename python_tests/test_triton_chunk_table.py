@@ -12,9 +12,11 @@ import random
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from chunk_tables import TABLE_CASES, TABLE_IDS, make_table
-from routing_kernels._triton.layout import table_work
+from routing_kernels._triton.layout import chunk_work
 from routing_kernels.ops.chunk_mean import triton_table as cm_table
 from routing_kernels.ops.chunk_mean.reference import chunk_mean_table_backward_ref, chunk_mean_table_ref
 from routing_kernels.ops.chunk_mean.triton import chunk_mean_bwd, chunk_mean_fwd
@@ -102,34 +104,34 @@ def test_strided_inputs_and_expanded_grads(split):
     """x strided three ways: x[:, :, ::2] (copied: the kernels need a unit last stride), a slice of a wider head
     dim and a (H, T, D) tensor transposed to (T, H, D) (both passed by strides); query x[..., ::2]; the gradients
     stride-0 expanded, as a .sum() backward gives them."""
-    split(4)
-    wide, table = _table("uniform4_empty_mid", 3, 10)
+    split(3)
+    wide, table = _table("uniform4_empty_mid", 2, 10)
     t, s = wide.shape[0], table[1].numel() - 1
-    heads_first = _randn((3, t, 5), torch.float32, 14)
-    for x in (wide[:, :, ::2], wide.view(t, 3, 2, 5)[:, :, 1], heads_first.transpose(0, 1)):
-        assert not x.is_contiguous() and x.shape == (t, 3, 5)
-        g = torch.randn(1, 1, 1, 5, device=DEVICE).expand(s, table[2], 3, 5)
+    heads_first = _randn((2, t, 5), torch.float32, 14)
+    for x in (wide[:, :, ::2], wide.view(t, 2, 2, 5)[:, :, 1], heads_first.transpose(0, 1)):
+        assert not x.is_contiguous() and x.shape == (t, 2, 5)
+        g = torch.randn(1, 1, 1, 5, device=DEVICE).expand(s, table[2], 2, 5)
         check_mean(x, table, torch.float32, grad=g)
-        query = _randn((s, 3, 10), torch.float32, 4)[:, :, ::2]
+        query = _randn((s, 2, 10), torch.float32, 4)[:, :, ::2]
         cot = (torch.ones(1, 1, 1, device=DEVICE).expand(*x.shape),  # y.sum()
                torch.ones(1, 1, 1, device=DEVICE).expand(s, x.shape[1], table[2]),
                _randn((x.shape[1], 5), torch.float32, 8).expand(s, x.shape[1], 5))
         check_route(x, query, table, torch.float32, cotangents=cot)
 
 
-@pytest.mark.parametrize("pieces", [False, True], ids=["one_piece", "split4"])
+@pytest.mark.parametrize("pieces", [False, True], ids=["one_piece", "pieces_of_3"])
 def test_uniform_table_matches_integer_path(pieces, split):
     """A uniform table (chunks of 4, the last of each sequence shorter) is the integer chunk_size = 4 path: the
     same numbers, bit for bit while a chunk is one piece (one program sums it in the integer path's order); to
-    fp32 rounding when pieces of 2 tokens combine by atomic adds."""
-    split(2 if pieces else 1024)
-    x, cu_seqlens, cu_chunks, seq_chunks, max_chunks = make_table([7, 0, 16, 3], ("size", 4), 3, 6, device=DEVICE)
+    fp32 rounding when pieces of 3 + 1 tokens combine by atomic adds."""
+    split(3 if pieces else 1024)
+    x, cu_seqlens, cu_chunks, seq_chunks, max_chunks = make_table([7, 0, 16, 3], ("size", 4), 2, 6, device=DEVICE)
     table = (cu_chunks, seq_chunks, max_chunks)
-    query = _randn((4, 3, 6), torch.float32, 9)
+    query = _randn((4, 2, 6), torch.float32, 9)
     exact = dict(rtol=0, atol=0) if not pieces else dict(rtol=1e-6, atol=1e-6)
     ints = dict(cu_seqlens=cu_seqlens, max_seqlen=16)
     torch.testing.assert_close(cm_table.chunk_mean_table_fwd(x, *table), chunk_mean_fwd(x, 4, **ints)[0], **exact)
-    grad = _randn((4, max_chunks, 3, 6), torch.float32, 10)
+    grad = _randn((4, max_chunks, 2, 6), torch.float32, 10)
     torch.testing.assert_close(cm_table.chunk_mean_table_bwd(grad, x, *table),
                                chunk_mean_bwd(grad, x, 4, **ints), **exact)
     got = chunk_route_table_fwd(x, query, *table, 0.5)
@@ -140,46 +142,64 @@ def test_uniform_table_matches_integer_path(pieces, split):
                                chunk_route_bwd(*cot, x, query, want[1], 4, cu_seqlens, 16, 0.5), **exact)
 
 
-def _skewed_table(seed=0):
-    """Three sequences: single tokens and chunks 1000x-3000x longer, an empty sequence between."""
+@triton.jit
+def _pieces_kernel(cu_chunks, seq_chunks, out, split, num_chunks, num_seqs, num_tokens):
+    """Writes what chunk_work gives each program of a table grid (one head): 6 int64 per program."""
+    i_s, i_c, _, tok0, tokens, count, is_first = chunk_work(cu_chunks, split, 1, 1, seq_chunks, num_chunks, num_seqs,
+                                                            num_tokens, IS_TABLE=True)
+    p_out = out + tl.program_id(0).to(tl.int64) * 6
+    tl.store(p_out, i_s)
+    tl.store(p_out + 1, i_c)
+    tl.store(p_out + 2, tok0)
+    tl.store(p_out + 3, tokens)
+    tl.store(p_out + 4, count)
+    tl.store(p_out + 5, is_first.to(tl.int64))
+
+
+def _skewed_table(sizes_pool, seed=0):
+    """Three sequences: short chunks and chunks up to 1000x longer drawn from sizes_pool, an empty one between."""
     rng = random.Random(seed)
-    sizes = [[rng.choice([1, 2, 3, 1000, 3000]) for _ in range(40)], [], [1] * 30 + [2000]]
+    sizes = [[rng.choice(sizes_pool) for _ in range(8)], [], [1] * 3 + [max(sizes_pool)]]
     bounds, firsts = [0], [0]
     for seq in sizes:
         for n in seq:
             bounds.append(bounds[-1] + n)
         firsts.append(len(bounds) - 1)
     as_i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=DEVICE)  # noqa: E731
-    return as_i32(bounds), as_i32(firsts), max(len(s) for s in sizes)
+    return as_i32(bounds), as_i32(firsts)
 
 
-@pytest.mark.parametrize("split_len", [1, 7, 256, 1024])
-def test_work_list_splits_long_chunks(split_len):
-    """The (chunk, piece) work list: every token in exactly one piece, no piece past `split` tokens (so the
-    3000-token chunks beside 1-token ones spread over many programs), a grid bounded by K + T / split from
-    shapes, and each chunk's owning sequence."""
-    cu_chunks, seq_chunks, _ = _skewed_table()
-    t, k = int(cu_chunks[-1]), cu_chunks.numel() - 1
-    chunk_seq, first, piece_chunk, num = table_work(cu_chunks, seq_chunks, t, split_len)
-    assert piece_chunk.numel() == num <= k + t // split_len
-    g = piece_chunk.long()
-    piece = torch.arange(num, device=DEVICE) - first[g]
-    length = (cu_chunks[1:] - cu_chunks[:-1]).long()[g]
-    tokens = (length - piece * split_len).clamp(0, split_len)
-    start = cu_chunks.long()[g] + piece * split_len
-    covered = torch.zeros(t, dtype=torch.int64, device=DEVICE)
-    for a, n in zip(start.tolist(), tokens.tolist()):
+@pytest.mark.parametrize("pool, split_len", [([1, 2, 3, 30, 100], 1), ([1, 2, 3, 30, 100], 3),
+                                             ([1, 2, 1000, 3000], 256), ([1, 2, 1000, 3000], 1024)],
+                         ids=["100x_split1", "100x_split3", "3000x_split256", "3000x_split1024"])
+def test_pieces_cover_each_token_once(pool, split_len):
+    """The table grid's pieces (layout.py chunk_work): every token in exactly one piece, none longer than
+    `split` (so the 1000x-3000x longer chunks spread over many programs), K + ceil(T / split) programs from
+    shapes, each piece labelled with its chunk's sequence, local index and length, one first piece per chunk."""
+    cu_chunks, seq_chunks = _skewed_table(pool)
+    t, k, s = int(cu_chunks[-1]), cu_chunks.numel() - 1, seq_chunks.numel() - 1
+    num = k + triton.cdiv(t, split_len)
+    out = torch.full((num, 6), -1, dtype=torch.int64, device=DEVICE)
+    _pieces_kernel[(num,)](cu_chunks, seq_chunks, out, split_len, k, s, t)
+    i_s, i_c, tok0, tokens, count, first = out.cpu().unbind(1)
+    assert bool((tokens >= 0).all() and (tokens <= split_len).all())
+    covered = torch.zeros(t, dtype=torch.int64)
+    for a, n in zip(tok0.tolist(), tokens.tolist()):
         covered[a:a + n] += 1
     assert bool((covered == 1).all())
-    assert int((tokens > 0).sum()) == int(((cu_chunks[1:] - cu_chunks[:-1]).long() + split_len - 1).div(
-        split_len, rounding_mode="floor").sum())
-    owner = torch.repeat_interleave(torch.arange(3, device=DEVICE), (seq_chunks[1:] - seq_chunks[:-1]).long())
-    assert torch.equal(chunk_seq.long(), owner)
+    real = tokens > 0
+    cu, sc = cu_chunks.cpu().long(), seq_chunks.cpu().long()
+    g = torch.searchsorted(cu, tok0[real], right=True) - 1  # the chunk of each piece's first token
+    assert torch.equal(sc[i_s[real]] + i_c[real], g) and torch.equal(count[real], cu[g + 1] - cu[g])
+    assert bool((i_c[real] < sc[i_s[real] + 1] - sc[i_s[real]]).all())
+    assert torch.equal(torch.sort(g[first[real] == 1]).values, torch.arange(k))  # one first piece per chunk
+    longest = int((cu[1:] - cu[:-1]).max())
+    assert int((g == int(torch.argmax(cu[1:] - cu[:-1]))).sum()) == triton.cdiv(longest, split_len)
 
 
 def test_skewed_chunks_through_the_kernels(split):
-    """Chunks of 1 and 512 tokens in one batch, the long ones cut into 8 pieces of 64 (~1000 programs would be
-    needed for the full 1000x case in the interpreter; the work list test above covers that geometry)."""
+    """Chunks of 1 and 512 tokens in one batch, the long ones cut into 8 pieces of 64 (the full 1000x case would
+    take ~1000 programs per kernel in the interpreter; test_pieces_cover_each_token_once covers that geometry)."""
     split(64)
     sizes = [[1, 512, 1, 1], [2, 1, 512]]
     bounds, firsts = [0], [0]

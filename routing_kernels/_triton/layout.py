@@ -101,43 +101,53 @@ def chunk_coords(cu_seqlens, chunk_size, num_chunks, num_heads):
     return i_s, i_c, i_h, bos + first, count
 
 
-def table_work(cu_chunks: torch.Tensor, seq_chunks: torch.Tensor, num_tokens: int, split: int):
-    """The work list of the chunk-table kernels: every (chunk, piece of <= `split` tokens) pair, on the device.
-
-    A chunk of L tokens becomes ceil(L / split) pieces, so a chunk 1000x longer than its neighbours is spread over
-    many programs instead of serializing on one. The list is seq_blocks over the chunks (cu_chunks read as
-    cu_seqlens); its length is bounded from shapes alone, sum_g ceil(L_g / split) <= K + T / split.
-    Returns (chunk_seq, piece_first, piece_chunk, num_pieces):
-        chunk_seq: (K,) int32, the sequence owning global chunk g (seq_chunks[s] <= g < seq_chunks[s+1]);
-        piece_first, piece_chunk, num_pieces: seq_blocks(cu_chunks, T, T, split) (programs past the last real
-            piece find a piece past the last chunk's end: zero tokens).
-    """
-    k = cu_chunks.numel() - 1
-    g = torch.arange(k, dtype=torch.int64, device=cu_chunks.device)
-    # seq_chunks[1:] entries <= g: the owner (right=True steps over the equal entries of empty sequences)
-    chunk_seq = torch.searchsorted(seq_chunks[1:].to(torch.int64), g, right=True, out_int32=True)
-    piece_first, piece_chunk, num_pieces = seq_blocks(cu_chunks, num_tokens, num_tokens, split)
-    return chunk_seq, piece_first, piece_chunk, num_pieces
+@triton.jit
+def count_le(sorted_values, n, value):
+    """How many of sorted_values[0:n] (non-decreasing) are <= value: a binary search of ~log2(n) scalar loads,
+    int64. The index of the chunk holding token `value` is count_le(cu_chunks + 1, K, value)."""
+    lo = tl.zeros([], dtype=tl.int64)
+    hi = lo + n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        go = tl.load(sorted_values + mid).to(tl.int64) <= value
+        lo = tl.where(go, mid + 1, lo)
+        hi = tl.where(go, hi, mid)
+    return lo
 
 
 @triton.jit
-def chunk_work(cu_offsets, chunk_size, num_chunks, num_heads, seq_chunks, chunk_seq, piece_first, piece_chunk,
+def chunk_work(cu_offsets, chunk_size, num_chunks, num_heads, seq_chunks, num_table_chunks, num_seqs, num_tokens,
                IS_TABLE: tl.constexpr):
     """What one program of the chunk kernels covers: (seq, chunk in it, head, first token, tokens, tokens in the
-    whole chunk, is it the chunk's first piece), all int64 but the flag.
+    whole chunk, is it the chunk's first piece), int64 but the flag.
     - integer chunks (IS_TABLE False): cu_offsets = cu_seqlens, a program per (seq, chunk, head) of the
       S * num_chunks * num_heads grid (chunk_coords); the piece is the whole chunk (0 tokens past a sequence).
-    - chunk table (IS_TABLE True): cu_offsets = cu_chunks, chunk_size = the piece length `split`, a program per
-      (piece, head) of the table_work list (heads fastest); pieces past the list's end have 0 tokens."""
+    - chunk table (IS_TABLE True): cu_offsets = cu_chunks (K+1,), seq_chunks (S+1,), chunk_size = SPLIT, and
+      (K + ceil(T / SPLIT)) * num_heads programs (heads fastest), so the grid comes from shapes:
+        piece p < K: the first SPLIT tokens of chunk p;
+        piece K + j: the tokens of [j * SPLIT, (j+1) * SPLIT) past the first SPLIT of their chunk. Such a window
+          meets one chunk's tail at most (a tail starts SPLIT tokens after its chunk does), the chunk holding
+          token j * SPLIT, found by a binary search; often it is empty (0 tokens).
+      Every token is in exactly one piece, no piece is longer than SPLIT: a chunk 1000x longer than the others is
+      spread over ~L / SPLIT programs instead of one."""
     if IS_TABLE:
         i_p, _, i_h = program_coords(1, num_heads)
-        i_g, i_k, bos, count = seq_block(cu_offsets, piece_first, piece_chunk, i_p)  # chunk, piece, its span
-        i_s = tl.load(chunk_seq + i_g).to(tl.int64)
+        if i_p < num_table_chunks:  # a chunk's head
+            i_g = i_p
+            bos = tl.load(cu_offsets + i_g).to(tl.int64)
+            count = tl.load(cu_offsets + i_g + 1).to(tl.int64) - bos
+            tok0 = bos
+            tokens = tl.minimum(count, chunk_size)
+        else:  # a window of the tails
+            w0 = tl.minimum((i_p - num_table_chunks) * chunk_size, num_tokens - 1)
+            i_g = count_le(cu_offsets + 1, num_table_chunks, w0)
+            bos = tl.load(cu_offsets + i_g).to(tl.int64)
+            count = tl.load(cu_offsets + i_g + 1).to(tl.int64) - bos
+            tok0 = tl.maximum(w0, bos + chunk_size)
+            tokens = tl.maximum(tl.minimum(w0 + chunk_size, bos + count) - tok0, 0)
+        i_s = count_le(seq_chunks + 1, num_seqs, i_g)
         i_c = i_g - tl.load(seq_chunks + i_s).to(tl.int64)
-        first = i_k * chunk_size
-        tok0 = bos + first
-        tokens = tl.minimum(tl.maximum(count - first, 0), chunk_size)
-        is_first = i_k == 0
+        is_first = i_p < num_table_chunks
     else:
         i_s, i_c, i_h, tok0, count = chunk_coords(cu_offsets, chunk_size, num_chunks, num_heads)
         tokens = count

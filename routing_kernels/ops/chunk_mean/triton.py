@@ -21,7 +21,7 @@ def chunk_reduce_kernel(
     x, dy, vec, extra, means, out, cu_seqlens,
     stride_xt, stride_xh, stride_dyt, stride_dyh, stride_vs, stride_vh,
     chunk_size, alpha, empty_value,
-    num_chunks, num_heads, head_dim, seq_chunks, chunk_seq, piece_first, piece_chunk,
+    num_chunks, num_heads, head_dim, seq_chunks, num_table_chunks, num_seqs, num_tokens,
     HAS_VEC: tl.constexpr, HAS_DY: tl.constexpr, HAS_EXTRA: tl.constexpr, IS_TABLE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -33,7 +33,7 @@ def chunk_reduce_kernel(
     of sum_t <dy_t, x_t>; extra from the first piece) into means and out, which the launcher initialised (zeros;
     out: 0 for real chunks, empty_value for missing ones)."""
     i_s, i_c, i_h, tok0, tokens, count, is_first = chunk_work(
-        cu_seqlens, chunk_size, num_chunks, num_heads, seq_chunks, chunk_seq, piece_first, piece_chunk, IS_TABLE)
+        cu_seqlens, chunk_size, num_chunks, num_heads, seq_chunks, num_table_chunks, num_seqs, num_tokens, IS_TABLE)
     o_t = tl.arange(0, BLOCK_T)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < head_dim
@@ -75,12 +75,12 @@ def chunk_reduce_kernel(
 @triton.jit
 def chunk_mean_backward_kernel(
     grad, dx, cu_seqlens, stride_gs, stride_gc, stride_gh, stride_xt, stride_xh, chunk_size,
-    num_chunks, num_heads, head_dim, seq_chunks, chunk_seq, piece_first, piece_chunk,
+    num_chunks, num_heads, head_dim, seq_chunks, num_table_chunks, num_seqs, num_tokens,
     IS_TABLE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dx_t = grad[s, chunk(t), h] / |chunk(t)| for every token of the chunk (of the piece, IS_TABLE)."""
     i_s, i_c, i_h, tok0, tokens, count, _ = chunk_work(
-        cu_seqlens, chunk_size, num_chunks, num_heads, seq_chunks, chunk_seq, piece_first, piece_chunk, IS_TABLE)
+        cu_seqlens, chunk_size, num_chunks, num_heads, seq_chunks, num_table_chunks, num_seqs, num_tokens, IS_TABLE)
     o_t = tl.arange(0, BLOCK_T)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < head_dim
@@ -112,7 +112,7 @@ def chunk_mean_fwd(x, chunk_size, cu_seqlens=None, max_seqlen=None, vec=None, al
         out if out is not None else means, cu,
         xp.stride(0), xp.stride(1), *(dy.stride()[:2] if dy is not None else (0, 0)),
         *((vs.stride(0), vs.stride(1)) if vec is not None else (0, 0)),
-        chunk_size, alpha, empty_value, m, h, d, cu, cu, cu, cu, HAS_VEC=vec is not None, HAS_DY=dy is not None,
+        chunk_size, alpha, empty_value, m, h, d, cu, 0, 0, 0, HAS_VEC=vec is not None, HAS_DY=dy is not None,
         HAS_EXTRA=extra is not None, IS_TABLE=False, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
     return means, out
 
@@ -127,5 +127,5 @@ def chunk_mean_bwd(grad, x, chunk_size, cu_seqlens=None, max_seqlen=None):
             grad = grad.contiguous()
         chunk_mean_backward_kernel[(s * m * h,)](
             grad, dx, cu, grad.stride(0), grad.stride(1), grad.stride(2), dx.stride(0), dx.stride(1), chunk_size, m, h, d,
-            cu, cu, cu, cu, IS_TABLE=False, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+            cu, 0, 0, 0, IS_TABLE=False, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
     return dx.reshape(x.shape)

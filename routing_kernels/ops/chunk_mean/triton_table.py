@@ -1,36 +1,37 @@
 """Triton launchers of chunk_mean for a chunk table (dynamic chunking; the contract is _layout.ChunkTable).
 
 The kernels are triton.py's, with IS_TABLE: one program per (piece, head), where a chunk of L tokens is cut into
-ceil(L / SPLIT) pieces (routing_kernels/_triton/layout.py table_work). Pieces of one chunk add their shares of
-the mean into a zeroed fp32 buffer with atomic adds: a chunk of <= SPLIT tokens is one piece, and adding its
-mean to 0 gives the integer path's numbers bit for bit; longer chunks sum in an order the GPU picks.
-Nothing here reads device data on the host: the grid is (K + T / SPLIT) * H at most, from shapes.
+ceil(L / SPLIT) pieces found inside the kernel (routing_kernels/_triton/layout.py chunk_work): K chunk heads and
+ceil(T / SPLIT) windows of the tails of longer chunks, a grid from shapes. Nothing is built on the host (no
+work list, no sync): a launch costs the integer path's kernels plus one memset. Pieces of one chunk add their
+shares of the mean into the zeroed fp32 buffer with atomic adds: a chunk of <= SPLIT tokens is one piece, and
+adding its mean to 0 gives the integer path's numbers bit for bit; longer chunks sum in an order the GPU picks.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
+import triton
 
-from ..._triton.layout import table_work, tiles
+from ..._triton.layout import tiles
 from .triton import chunk_mean_backward_kernel, chunk_reduce_kernel
 
 # Tokens per piece: a uniform table of chunks <= 1024 (the usual 64..512) runs one program per chunk and head,
-# like the integer path, while a 100K-token chunk beside short ones becomes ~100 pieces instead of one program
-# that all the others wait for. The tests lower it to split their small chunks too.
+# like the integer path (plus ceil(T / 1024) * H window programs that find no tail and return), while a
+# 100K-token chunk beside short ones becomes ~100 programs instead of one that all the others wait for.
+# The tests lower it so that their small chunks split too.
 SPLIT = 1024
 
 
 class TableGrid(NamedTuple):
-    """A chunk table with its work list, built once per launcher call and shared by its kernels."""
+    """A chunk table and the launch geometry of its kernels (all from shapes)."""
     cu_chunks: torch.Tensor  # (K+1,) contiguous
     seq_chunks: torch.Tensor  # (S+1,) contiguous
     max_chunks: int
-    chunk_seq: torch.Tensor  # (K,) int32
-    piece_first: torch.Tensor  # (K+1,) int64
-    piece_chunk: torch.Tensor  # (num_pieces,) int32
-    num_pieces: int
+    num_tokens: int
     split: int
+    num_pieces: int  # K + ceil(T / split): chunk heads, then windows of the tails
     block_t: int
     block_d: int
 
@@ -39,22 +40,21 @@ class TableGrid(NamedTuple):
         return self.seq_chunks.numel() - 1
 
     def args(self):
-        """The kernels' table arguments, in their order: cu_offsets, chunk_size (here the piece length) ... and
-        seq_chunks, chunk_seq, piece_first, piece_chunk."""
-        return self.cu_chunks, self.split, (self.seq_chunks, self.chunk_seq, self.piece_first, self.piece_chunk)
+        """(cu_offsets, chunk_size, (seq_chunks, num_table_chunks, num_seqs, num_tokens)) of the kernels."""
+        k = self.cu_chunks.numel() - 1
+        return self.cu_chunks, self.split, (self.seq_chunks, k, self.num_seqs, self.num_tokens)
 
 
 def table_grid(x: torch.Tensor, cu_chunks: torch.Tensor, seq_chunks: torch.Tensor, max_chunks: int) -> TableGrid:
-    """x: packed (T, H, D) with unit last stride; cu_chunks (K+1,), seq_chunks (S+1,) int32 or int64."""
+    """x: packed (T, H, D); cu_chunks (K+1,), seq_chunks (S+1,) int32 or int64."""
     cu_chunks, seq_chunks = cu_chunks.contiguous(), seq_chunks.contiguous()
     num_tokens, num_chunks = x.shape[0], cu_chunks.numel() - 1
     split = SPLIT
-    chunk_seq, first, piece_chunk, num_pieces = table_work(cu_chunks, seq_chunks, num_tokens, split)
+    num_pieces = num_chunks + triton.cdiv(num_tokens, split) if num_chunks > 0 else 0
     # Tiles sized by the mean chunk length T / K (shapes only): the integer path's tile for a uniform table.
     mean_len = -(-num_tokens // max(num_chunks, 1))
     block_t, block_d = tiles(x.shape[-1], min(split, max(mean_len, 1)))
-    return TableGrid(cu_chunks, seq_chunks, int(max_chunks), chunk_seq, first, piece_chunk, num_pieces, split,
-                     block_t, block_d)
+    return TableGrid(cu_chunks, seq_chunks, int(max_chunks), num_tokens, split, num_pieces, block_t, block_d)
 
 
 def packed(t: torch.Tensor) -> torch.Tensor:
@@ -63,15 +63,16 @@ def packed(t: torch.Tensor) -> torch.Tensor:
 
 
 def table_reduce(x, grid: TableGrid, vec=None, alpha=1.0, dy=None, extra=None, empty_value=0.0):
-    """chunk_reduce_kernel on a chunk table. Returns (means fp32 (S, M, H, D), out fp32 (S, H, M) or None)."""
+    """chunk_reduce_kernel on a chunk table. Returns (means fp32 (S, M, H, D), out fp32 (S, H, M) or None; out is
+    0 past each sequence's chunks: empty_value is the integer path's and unused here)."""
     s, m = grid.num_seqs, grid.max_chunks
     _, h, d = x.shape
-    means = torch.zeros(s, m, h, d, device=x.device, dtype=torch.float32)  # pieces add into it
-    out = None
-    if vec is not None:  # 0 where a chunk exists (pieces add into it), empty_value past a sequence's chunks
-        count = (grid.seq_chunks[1:] - grid.seq_chunks[:-1]).to(torch.int64)
-        real = torch.arange(m, device=x.device) < count[:, None]  # (S, M)
-        out = torch.where(real, 0.0, empty_value).to(torch.float32)[:, None, :].expand(s, h, m).contiguous()
+    # one memset for both outputs: pieces add into them. out past a sequence's chunks stays 0: no program adds
+    # there, and the softmax kernels (IS_TABLE) read those scores as -inf and give them weight 0
+    size = s * m * h * d
+    buf = torch.zeros(size + (s * h * m if vec is not None else 0), device=x.device, dtype=torch.float32)
+    means = buf[:size].view(s, m, h, d)
+    out = buf[size:].view(s, h, m) if vec is not None else None
     if grid.num_pieces * h == 0:
         return means, out
     cu, split, tail = grid.args()

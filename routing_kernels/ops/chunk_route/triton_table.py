@@ -2,8 +2,9 @@
 
 The same three passes each way as triton.py (maths in README.md): (1) chunk_reduce_kernel with IS_TABLE, one
 program per (piece, head) of the table's work list, adds each piece's share of the chunk means and scores (or
-dw) into zeroed buffers; (2) the per-(sequence, head) softmax kernels, unchanged: they only see the padded
-(S, H, max_chunks) scores (-inf past a sequence's chunks) and the (S, max_chunks, H, D) means; (3)
+dw) into zeroed buffers; (2) the per-(sequence, head) softmax kernels: they only see the padded (S, H,
+max_chunks) scores (the forward's, with IS_TABLE, reads those past a sequence's chunks as -inf; the backward's
+gets weight 0 there) and the (S, max_chunks, H, D) means; (3)
 chunk_scale_kernel with IS_TABLE writes y (dx) piece by piece. No host sync: every grid comes from shapes.
 """
 from __future__ import annotations
@@ -43,7 +44,8 @@ def chunk_route_table_fwd(x, query, cu_chunks, seq_chunks, max_chunks, scale):
     summary = torch.empty(s, h, d, device=x.device, dtype=torch.float32)
     if s * h:
         block_m, block_d = _row_blocks(m, d)
-        softmax_summary_kernel[(s * h,)](scores, means, weights, summary, m, h, d, BLOCK_M=block_m, BLOCK_D=block_d)
+        softmax_summary_kernel[(s * h,)](scores, means, weights, summary, m, h, d, grid.seq_chunks, IS_TABLE=True,
+                                         BLOCK_M=block_m, BLOCK_D=block_d)
     y = torch.empty(xp.shape, device=x.device, dtype=x.dtype)
     _launch_scale(xp, y, weights, weights, q, q, grid, 1.0, False)
     return y, weights, summary.to(x.dtype)
