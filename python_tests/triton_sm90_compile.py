@@ -59,7 +59,8 @@ EXPECTED_BRANCHES = {("route_select_kernel", "CAUSAL"): {True, False},
                      # integer chunks and a chunk table (dynamic chunking, the triton_table.py launchers)
                      ("chunk_reduce_kernel", "IS_TABLE"): {True, False},
                      ("chunk_mean_backward_kernel", "IS_TABLE"): {True, False},
-                     ("chunk_scale_kernel", "IS_TABLE"): {True, False}}
+                     ("chunk_scale_kernel", "IS_TABLE"): {True, False},
+                     ("softmax_summary_kernel", "IS_TABLE"): {True, False}}
 
 compiled: dict = {}  # (kernel, signature, constexprs) -> None (ok) or an error string
 # For the resource report: key -> dict(fn, signature, constexprs, options, kernel, ptxas_log) of each compiled

@@ -3,14 +3,16 @@
 Packed form: every launcher works on (T, H, D) tensors and cu_seqlens (S+1,) (int32 or int64, contiguous);
 a dense (B, N, H, D) batch becomes cu_seqlens = arange(B+1) * N, so one kernel serves both layouts.
 
-Two ways to number programs over (sequence, block of tokens):
+Ways to number programs over (sequence, block of tokens):
 - program_coords: every sequence gets the longest sequence's block count (S * ceil(max_seqlen / block)
   programs); the grid is known from shapes alone, and programs past a sequence's end find empty masks.
 - seq_blocks / seq_block: only the real (sequence, block) pairs, through a device-side prefix sum of the
   per-sequence block counts. The grid is bounded by shapes (sum_s ceil(L_s / block) <= (T + S (block - 1))
   / block), so no host sync either; a skewed batch (one 64K sequence and 100 short ones, block 16) launches
   ~4.1K programs instead of 101 * 4K.
-Neither reads device data on the host: launchers stay free of syncs (python_tests/test_triton_no_sync.py).
+- chunk_work with IS_TABLE (chunk tables, dynamic chunking): K chunk heads and ceil(T / SPLIT) windows of the
+  tails of longer chunks, each program finding its chunk and sequence by binary searches (count_le).
+None reads device data on the host: launchers stay free of syncs (python_tests/test_triton_no_sync.py).
 """
 from __future__ import annotations
 
