@@ -211,3 +211,24 @@ def test_skewed_chunks_through_the_kernels(split):
              torch.tensor(firsts, dtype=torch.int32, device=DEVICE), 4)
     x = _randn((bounds[-1], 1, 3), torch.float32, 12)
     check_route(x, _randn((2, 1, 3), torch.float32, 13), table, torch.float32)
+
+
+@pytest.mark.gpu
+def test_large_offsets_bf16():
+    # 2^31 + 2^22 elements (4.3 GB in bf16): token offsets * H * D pass 2^31, so an int32 offset anywhere in the
+    # table kernels reads or writes the wrong rows. Sequences of 1, 40000, 0 and ~1M tokens; the last one holds a
+    # 1M-token chunk (~1000 pieces at SPLIT = 1024) beside single tokens, the second 40 chunks of 1000.
+    x = torch.randn((2**31 + 2**22) // (16 * 128), 16, 128, device="cuda", dtype=torch.bfloat16)
+    t = x.shape[0]
+    bounds = [0, 1] + [1 + 1000 * k for k in range(1, 41)] + [40002, 40003, t]
+    table = (torch.tensor(bounds, dtype=torch.int32, device="cuda"),
+             torch.tensor([0, 1, 41, 41, 44], dtype=torch.int32, device="cuda"), 40)
+    query = torch.randn(4, 16, 128, device="cuda", dtype=torch.bfloat16)
+    got = chunk_route_table_fwd(x, query, *table, 0.1)
+    ref = chunk_route_table_ref(x, query, *table, 0.1)
+    assert_close_scaled(got, ref, torch.bfloat16, name="route")
+    del got
+    cot = (x, torch.randn_like(ref[1]), torch.randn_like(ref[2]))  # dy = x: one more 4 GB tensor saved
+    want = chunk_route_table_backward_ref(*cot, x, query, ref[1], *table, 0.1)
+    assert_close_scaled(chunk_route_table_bwd(*cot, x, query, ref[1], *table, 0.1), want, torch.bfloat16,
+                        name="route dx, dquery")
