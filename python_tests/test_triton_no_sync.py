@@ -22,7 +22,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from routing_kernels.ops.chunk_mean import triton as cm_triton
+from routing_kernels.ops.chunk_mean import triton_table as cm_table
 from routing_kernels.ops.chunk_route import triton as cr_triton
+from routing_kernels.ops.chunk_route import triton_table as cr_table
 from routing_kernels.ops.route_chunks import triton as rc_triton
 from routing_kernels.ops.routed_attention import triton as ra_triton
 
@@ -138,6 +140,25 @@ def test_chunk_mean_and_route_launchers_do_not_sync(layout, recorder):
             y, w, s = cr_triton.chunk_route_fwd(x, q, 4, cu, ms, 0.5)
             cr_triton.chunk_route_bwd(torch.randn_like(y), torch.randn_like(w), torch.randn_like(s), x, q, w, 4, cu,
                                       ms, 0.5)
+    assert recorder.events == []
+
+
+def test_chunk_table_launchers_do_not_sync(recorder, monkeypatch):
+    # chunk table (dynamic chunking): sequences of 13, 0 and 9 tokens in chunks of 1..6 tokens, pieces of 4 tokens
+    # (the work list is built on the device; its length comes from shapes)
+    monkeypatch.setattr(cm_table, "SPLIT", 4)
+    x, _, _ = _inputs("varlen", 2, 8, seed=5)
+    cu_chunks = torch.tensor([0, 6, 7, 13, 14, 16, 22], dtype=torch.int32, device=DEVICE)
+    seq_chunks = torch.tensor([0, 3, 3, 6], dtype=torch.int32, device=DEVICE)
+    table = (cu_chunks, seq_chunks, 3)
+    query = torch.randn(3, 2, 8, device=DEVICE)
+    with recorder:
+        means = cm_table.chunk_mean_table_fwd(x, *table)
+        cm_table.chunk_mean_table_bwd(torch.randn_like(means), x, *table)
+        for q in (query, query[0]):  # per-sequence and shared query
+            y, w, s = cr_table.chunk_route_table_fwd(x, q, *table, 0.5)
+            cr_table.chunk_route_table_bwd(torch.randn_like(y), torch.randn_like(w), torch.randn_like(s), x, q, w,
+                                           *table, 0.5)
     assert recorder.events == []
 
 

@@ -55,7 +55,12 @@ EXPECTED_BRANCHES = {("route_select_kernel", "CAUSAL"): {True, False},
                      ("routed_bwd_dkv_kernel", "BLOCK_F"): {4, 128},  # one flag block per chunk / several
                      ("routed_fwd_kernel", "PACK"): {1, 2, 4},
                      ("chunk_reduce_kernel", "HAS_DY"): {True, False},
-                     ("chunk_scale_kernel", "IS_BACKWARD"): {True, False}}
+                     ("chunk_scale_kernel", "IS_BACKWARD"): {True, False},
+                     # integer chunks and a chunk table (dynamic chunking, the triton_table.py launchers)
+                     ("chunk_reduce_kernel", "IS_TABLE"): {True, False},
+                     ("chunk_mean_backward_kernel", "IS_TABLE"): {True, False},
+                     ("chunk_scale_kernel", "IS_TABLE"): {True, False},
+                     ("softmax_summary_kernel", "IS_TABLE"): {True, False}}
 
 compiled: dict = {}  # (kernel, signature, constexprs) -> None (ok) or an error string
 # For the resource report: key -> dict(fn, signature, constexprs, options, kernel, ptxas_log) of each compiled
@@ -163,6 +168,8 @@ def _cases():
             for layout in ((x, None, None), (x.reshape(80, 2, d), cu, 63)):
                 yield lambda a=layout: _chunk_mean(chunk_mean_fwd, chunk_mean_bwd, *a)
                 yield lambda a=layout, q=query: _chunk_route(chunk_route_fwd, chunk_route_bwd, q, *a)
+            if d == 64 or dtype == torch.bfloat16:  # chunk table (dynamic chunking)
+                yield lambda x=x.reshape(80, 2, d), q=query: _chunk_table(x, q)
         # route_chunks / routed_attention: MHA and GQA groups 2 and 4 (head packing 1, 2, 4), D = 64 and 128
         for hq, hkv, d in ((4, 4, 64), (4, 2, 128), (8, 2, 64), (8, 2, 128)):
             q = torch.randn(1, 48, hq, d, generator=g).to(dtype)
@@ -202,6 +209,19 @@ def _chunk_route(fwd, bwd, query, x, cu, max_seqlen):
     y, weights, summary = fwd(x, query, 8, cu, max_seqlen, 0.125)
     bwd(torch.randn_like(y), torch.randn_like(weights), torch.randn_like(summary), x, query, weights, 8, cu,
         max_seqlen, 0.125)
+
+
+def _chunk_table(x, query):
+    from routing_kernels.ops.chunk_mean.triton_table import chunk_mean_table_bwd, chunk_mean_table_fwd
+    from routing_kernels.ops.chunk_route.triton_table import chunk_route_table_bwd, chunk_route_table_fwd
+
+    table = (torch.tensor([0, 5, 17, 40, 41, 80], dtype=torch.int32),  # chunks of 5..39 tokens
+             torch.tensor([0, 2, 2, 5], dtype=torch.int32), 3)  # sequences of 2, 0 and 3 chunks
+    means = chunk_mean_table_fwd(x, *table)
+    chunk_mean_table_bwd(torch.randn(means.shape).to(x.dtype), x, *table)
+    y, weights, summary = chunk_route_table_fwd(x, query, *table, 0.125)
+    chunk_route_table_bwd(torch.randn_like(y), torch.randn_like(weights), torch.randn_like(summary), x, query, weights,
+                          *table, 0.125)
 
 
 def _attention(ra, q, k, v, causal, cu=None, max_seqlen=None, chunk_size=16):

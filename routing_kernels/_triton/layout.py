@@ -3,14 +3,16 @@
 Packed form: every launcher works on (T, H, D) tensors and cu_seqlens (S+1,) (int32 or int64, contiguous);
 a dense (B, N, H, D) batch becomes cu_seqlens = arange(B+1) * N, so one kernel serves both layouts.
 
-Two ways to number programs over (sequence, block of tokens):
+Ways to number programs over (sequence, block of tokens):
 - program_coords: every sequence gets the longest sequence's block count (S * ceil(max_seqlen / block)
   programs); the grid is known from shapes alone, and programs past a sequence's end find empty masks.
 - seq_blocks / seq_block: only the real (sequence, block) pairs, through a device-side prefix sum of the
   per-sequence block counts. The grid is bounded by shapes (sum_s ceil(L_s / block) <= (T + S (block - 1))
   / block), so no host sync either; a skewed batch (one 64K sequence and 100 short ones, block 16) launches
   ~4.1K programs instead of 101 * 4K.
-Neither reads device data on the host: launchers stay free of syncs (python_tests/test_triton_no_sync.py).
+- chunk_work with IS_TABLE (chunk tables, dynamic chunking): K chunk heads and ceil(T / SPLIT) windows of the
+  tails of longer chunks, each program finding its chunk and sequence by binary searches (count_le).
+None reads device data on the host: launchers stay free of syncs (python_tests/test_triton_no_sync.py).
 """
 from __future__ import annotations
 
@@ -99,6 +101,60 @@ def chunk_coords(cu_seqlens, chunk_size, num_chunks, num_heads):
     first = i_c * chunk_size
     count = tl.minimum(tl.maximum(length - first, 0), chunk_size)  # 0 for chunks the sequence lacks
     return i_s, i_c, i_h, bos + first, count
+
+
+@triton.jit
+def count_le(sorted_values, n, value):
+    """How many of sorted_values[0:n] (non-decreasing) are <= value: a binary search of ~log2(n) scalar loads,
+    int64. The index of the chunk holding token `value` is count_le(cu_chunks + 1, K, value)."""
+    lo = tl.zeros([], dtype=tl.int64)
+    hi = lo + n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        go = tl.load(sorted_values + mid).to(tl.int64) <= value
+        lo = tl.where(go, mid + 1, lo)
+        hi = tl.where(go, hi, mid)
+    return lo
+
+
+@triton.jit
+def chunk_work(cu_offsets, chunk_size, num_chunks, num_heads, seq_chunks, num_table_chunks, num_seqs, num_tokens,
+               IS_TABLE: tl.constexpr):
+    """What one program of the chunk kernels covers: (seq, chunk in it, head, first token, tokens, tokens in the
+    whole chunk, is it the chunk's first piece), int64 but the flag.
+    - integer chunks (IS_TABLE False): cu_offsets = cu_seqlens, a program per (seq, chunk, head) of the
+      S * num_chunks * num_heads grid (chunk_coords); the piece is the whole chunk (0 tokens past a sequence).
+    - chunk table (IS_TABLE True): cu_offsets = cu_chunks (K+1,), seq_chunks (S+1,), chunk_size = SPLIT, and
+      (K + ceil(T / SPLIT)) * num_heads programs (heads fastest), so the grid comes from shapes:
+        piece p < K: the first SPLIT tokens of chunk p;
+        piece K + j: the tokens of [j * SPLIT, (j+1) * SPLIT) past the first SPLIT of their chunk. Such a window
+          meets one chunk's tail at most (a tail starts SPLIT tokens after its chunk does), the chunk holding
+          token j * SPLIT, found by a binary search; often it is empty (0 tokens).
+      Every token is in exactly one piece, no piece is longer than SPLIT: a chunk 1000x longer than the others is
+      spread over ~L / SPLIT programs instead of one."""
+    if IS_TABLE:
+        i_p, _, i_h = program_coords(1, num_heads)
+        if i_p < num_table_chunks:  # a chunk's head
+            i_g = i_p
+            bos = tl.load(cu_offsets + i_g).to(tl.int64)
+            count = tl.load(cu_offsets + i_g + 1).to(tl.int64) - bos
+            tok0 = bos
+            tokens = tl.minimum(count, chunk_size)
+        else:  # a window of the tails
+            w0 = tl.minimum((i_p - num_table_chunks) * chunk_size, num_tokens - 1)
+            i_g = count_le(cu_offsets + 1, num_table_chunks, w0)
+            bos = tl.load(cu_offsets + i_g).to(tl.int64)
+            count = tl.load(cu_offsets + i_g + 1).to(tl.int64) - bos
+            tok0 = tl.maximum(w0, bos + chunk_size)
+            tokens = tl.maximum(tl.minimum(w0 + chunk_size, bos + count) - tok0, 0)
+        i_s = count_le(seq_chunks + 1, num_seqs, i_g)
+        i_c = i_g - tl.load(seq_chunks + i_s).to(tl.int64)
+        is_first = i_p < num_table_chunks
+    else:
+        i_s, i_c, i_h, tok0, count = chunk_coords(cu_offsets, chunk_size, num_chunks, num_heads)
+        tokens = count
+        is_first = True
+    return i_s, i_c, i_h, tok0, tokens, count, is_first
 
 
 def key_layout(q: torch.Tensor, k: torch.Tensor, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k):

@@ -12,16 +12,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton.layout import as_packed, chunk_coords, program_coords, tiles
+from ..._triton.layout import as_packed, chunk_work, program_coords, tiles
 from ..chunk_mean.triton import chunk_mean_fwd
 
 
 @triton.jit
-def softmax_summary_kernel(scores, means, weights, summary, num_chunks, num_heads, head_dim,
-                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def softmax_summary_kernel(scores, means, weights, summary, num_chunks, num_heads, head_dim, seq_chunks,
+                           IS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per (seq, head): w = softmax(scores) over chunks (0 when the sequence is empty) and
-    summary = sum_i w_i mean_i. Scores of missing chunks are -inf, so they get weight 0."""
+    summary = sum_i w_i mean_i. Scores of missing chunks are -inf, so they get weight 0 (IS_TABLE: the chunks
+    past seq_chunks[s+1] - seq_chunks[s] are read as -inf, whatever the scores buffer holds there)."""
     i_s, _, i_h = program_coords(1, num_heads)
+    if IS_TABLE:
+        num_real = (tl.load(seq_chunks + i_s + 1) - tl.load(seq_chunks + i_s)).to(tl.int64)
+    else:
+        num_real = num_chunks
     i_row = i_s * num_heads + i_h  # row (s, h) of the (S, H, M) scores and (S, H, D) outputs
     o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
@@ -29,20 +34,21 @@ def softmax_summary_kernel(scores, means, weights, summary, num_chunks, num_head
     p_row = i_row * num_chunks
     b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for m0 in range(0, num_chunks, BLOCK_M):
-        b_s = tl.load(scores + p_row + m0 + o_m, mask=m0 + o_m < num_chunks, other=float("-inf"))  # [BLOCK_M]
+        b_s = tl.load(scores + p_row + m0 + o_m, mask=m0 + o_m < num_real, other=float("-inf"))  # [BLOCK_M]
         b_max = tl.maximum(b_max, b_s)
     row_max = tl.max(b_max, axis=0)
     row_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # empty sequence: every exp is 0
     b_den = tl.zeros([BLOCK_M], dtype=tl.float32)
     for m0 in range(0, num_chunks, BLOCK_M):
-        b_s = tl.load(scores + p_row + m0 + o_m, mask=m0 + o_m < num_chunks, other=float("-inf"))  # [BLOCK_M]
+        b_s = tl.load(scores + p_row + m0 + o_m, mask=m0 + o_m < num_real, other=float("-inf"))  # [BLOCK_M]
         b_den += tl.exp(b_s - row_max)
     den = tl.sum(b_den, axis=0)
     inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)  # 0: empty sequence; NaN stays NaN
     b_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for m0 in range(0, num_chunks, BLOCK_M):
         m_m = m0 + o_m < num_chunks
-        b_w = tl.exp(tl.load(scores + p_row + m0 + o_m, mask=m_m, other=float("-inf")) - row_max) * inv  # [BLOCK_M]
+        b_s = tl.load(scores + p_row + m0 + o_m, mask=m0 + o_m < num_real, other=float("-inf"))  # [BLOCK_M]
+        b_w = tl.exp(b_s - row_max) * inv  # [BLOCK_M]
         tl.store(weights + p_row + m0 + o_m, b_w, mask=m_m)
         p_mean = means + ((i_s * num_chunks + m0 + o_m[:, None]) * num_heads + i_h) * head_dim + o_d[None, :]
         b_mean = tl.load(p_mean, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
@@ -82,13 +88,15 @@ def softmax_backward_kernel(weights, dw, means, ds, dquery, num_chunks, num_head
 def chunk_scale_kernel(
     src, out, weights, ds, query, dsummary, cu_seqlens,
     stride_st, stride_sh, stride_ot, stride_oh, stride_qs, stride_qh, stride_gs, stride_gh,
-    chunk_size, num_chunks, num_heads, head_dim, scale,
-    IS_BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    chunk_size, num_chunks, num_heads, head_dim, scale, seq_chunks, num_table_chunks, num_seqs, num_tokens,
+    IS_BACKWARD: tl.constexpr, IS_TABLE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per (seq, chunk, head), for every token t of the chunk:
         forward:  y_t  = w_c * x_t
-        backward: dx_t = w_c * dy_t + (scale * ds_c * query + w_c * dsummary) / |c|"""
-    i_s, i_c, i_h, tok0, count = chunk_coords(cu_seqlens, chunk_size, num_chunks, num_heads)
+        backward: dx_t = w_c * dy_t + (scale * ds_c * query + w_c * dsummary) / |c|
+    (IS_TABLE: for the tokens of one piece of a table chunk, routing_kernels/_triton/layout.py chunk_work)"""
+    i_s, i_c, i_h, tok0, tokens, count, _ = chunk_work(
+        cu_seqlens, chunk_size, num_chunks, num_heads, seq_chunks, num_table_chunks, num_seqs, num_tokens, IS_TABLE)
     o_t = tl.arange(0, BLOCK_T)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < head_dim
@@ -99,9 +107,9 @@ def chunk_scale_kernel(
         b_g = tl.load(dsummary + i_s * stride_gs + i_h * stride_gh + o_d, mask=m_d, other=0.0)
         b_g = b_g.to(tl.float32)  # [BLOCK_D]
         b_add = (scale * tl.load(ds + p_w) * b_q + b_w * b_g) / tl.maximum(count, 1).to(tl.float32)  # [BLOCK_D]
-    for t0 in range(0, count, BLOCK_T):
+    for t0 in range(0, tokens, BLOCK_T):
         tok = tok0 + t0 + o_t
-        m = ((t0 + o_t) < count)[:, None] & m_d[None, :]
+        m = ((t0 + o_t) < tokens)[:, None] & m_d[None, :]
         p_src = src + tok[:, None] * stride_st + i_h * stride_sh + o_d[None, :]
         b_src = tl.load(p_src, mask=m, other=0.0)  # [BLOCK_T, BLOCK_D]
         b_out = b_w * b_src.to(tl.float32)
@@ -134,7 +142,8 @@ def _launch_scale(src, out, weights, ds, query, dsummary, cu, chunk_size, scale,
         src, out, weights, ds, query, dsummary, cu,
         src.stride(0), src.stride(1), out.stride(0), out.stride(1),
         query.stride(0), query.stride(1), dsummary.stride(0), dsummary.stride(1),
-        chunk_size, m, h, d, scale, IS_BACKWARD=is_backward, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+        chunk_size, m, h, d, scale, cu, 0, 0, 0, IS_BACKWARD=is_backward, IS_TABLE=False, BLOCK_T=block_t,
+        BLOCK_D=block_d, num_warps=4)
 
 
 def chunk_route_fwd(x, query, chunk_size, cu_seqlens, max_seqlen, scale):
@@ -149,7 +158,8 @@ def chunk_route_fwd(x, query, chunk_size, cu_seqlens, max_seqlen, scale):
     summary = torch.empty(s, h, d, device=x.device, dtype=torch.float32)
     if s * h:
         block_m, block_d = _row_blocks(m, d)
-        softmax_summary_kernel[(s * h,)](scores, means, weights, summary, m, h, d, BLOCK_M=block_m, BLOCK_D=block_d)
+        softmax_summary_kernel[(s * h,)](scores, means, weights, summary, m, h, d, cu, IS_TABLE=False,
+                                         BLOCK_M=block_m, BLOCK_D=block_d)
     y = torch.empty(xp.shape, device=x.device, dtype=x.dtype)
     _launch_scale(xp, y, weights, weights, q, q, cu, chunk_size, 1.0, False)
     return y.reshape(x.shape), weights, summary.to(x.dtype)
