@@ -223,3 +223,7 @@ def test_emulated_table_bad_arguments_are_named(ops):
         ops.chunk_route_table_fwd(x[None], torch.randn(2, 8), cu_chunks, seq_chunks, max_chunks, 0.5, 1, 0, 0)
     with pytest.raises(RuntimeError, match="query must be"):
         ops.chunk_route_table_fwd(x, torch.randn(3, 8), cu_chunks, seq_chunks, max_chunks, 0.5, 1, 0, 0)
+    with pytest.raises(RuntimeError, match="max_chunks must be >= 1 when x has tokens"):
+        ops.chunk_mean_table_fwd(x, cu_chunks, seq_chunks, 0, 1, 0, 0)
+    with pytest.raises(RuntimeError, match="cu_chunks must hold K"):
+        ops.chunk_mean_table_fwd(x[:0], cu_chunks, seq_chunks, max_chunks, 1, 0, 0)

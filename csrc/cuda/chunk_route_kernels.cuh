@@ -461,18 +461,18 @@ __global__ void __launch_bounds__(SCALE_THREADS)
 #pragma unroll
       for (int k = 0; k < VEC; ++k) b_out.v[k] = static_cast<scalar_t>(b_a[k]);
       for (int64_t t = 0; t < t1 - t0; ++t) store_pack<VEC>(out + o_first + t * row, b_out);
-      continue;
-    }
+    } else {
 #pragma unroll 4
-    for (int64_t t = 0; t < t1 - t0; ++t) {
-      const Pack<scalar_t, VEC> b_src = load_pack<VEC>(src + o_first + t * row);
-      Pack<scalar_t, VEC> b_out;
+      for (int64_t t = 0; t < t1 - t0; ++t) {
+        const Pack<scalar_t, VEC> b_src = load_pack<VEC>(src + o_first + t * row);
+        Pack<scalar_t, VEC> b_out;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const acc_t v = b_w[k] * static_cast<acc_t>(b_src.v[k]);
-        b_out.v[k] = static_cast<scalar_t>(MODE == SCALE_BWD ? v + b_a[k] : v);
+        for (int k = 0; k < VEC; ++k) {
+          const acc_t v = b_w[k] * static_cast<acc_t>(b_src.v[k]);
+          b_out.v[k] = static_cast<scalar_t>(MODE == SCALE_BWD ? v + b_a[k] : v);
+        }
+        store_pack<VEC>(out + o_first + t * row, b_out);
       }
-      store_pack<VEC>(out + o_first + t * row, b_out);
     }
   }
 }

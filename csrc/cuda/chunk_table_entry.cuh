@@ -39,6 +39,12 @@ inline ChunkMeanShape check_chunk_table_args(const at::Tensor& x, const at::Tens
   TORCH_CHECK(max_chunks >= 0, "max_chunks must be >= 0, got ", max_chunks);
   TORCH_CHECK(x.size(0) <= std::numeric_limits<int32_t>::max(), "x has ", x.size(0),
               " tokens: int32 cu_chunks address at most 2^31 - 1");
+  // What the shapes alone say (no values read): every chunk holds a token, and tokens mean a chunk somewhere.
+  const int64_t num_tokens = x.size(0), num_chunks = cu_chunks.numel() - 1;
+  TORCH_CHECK(num_chunks <= num_tokens && (num_chunks == 0) == (num_tokens == 0), "cu_chunks must hold K + 1 offsets "
+              "with 1 <= K <= T (every chunk non-empty) when x has T > 0 tokens, and [0] when T = 0; got K = ",
+              num_chunks, " for T = ", num_tokens);
+  TORCH_CHECK(max_chunks >= 1 || num_tokens == 0, "max_chunks must be >= 1 when x has tokens, got ", max_chunks);
   return table_shape(seq_chunks.numel() - 1, x.size(0), x.size(1), x.size(2), max_chunks);
 }
 
