@@ -310,12 +310,55 @@ void detector_tests() {
   }
 }
 
+// The chunk table's pieces (chunk_geometry.cuh): for each split, the K + ceil(T / split) pieces cover every token
+// exactly once, none is longer than split, each names its chunk's (sequence, local chunk), and the finish pass's
+// slots of chunk k (k, then K + j for j in [first_aligned, last_aligned)) are exactly its non-empty pieces.
+void table_piece_tests() {
+  const std::vector<std::vector<int32_t>> tables[] = {
+      {{3, 1, 1000, 2}, {}, {1, 7, 1}}, {{256, 256, 1}, {255, 2}}, {{1}}, {{}, {}}};
+  for (const auto& seqs : tables) {
+    std::vector<int32_t> cu{0}, seq{0};
+    for (const auto& sizes : seqs) {
+      for (int32_t n : sizes) cu.push_back(cu.back() + n);
+      seq.push_back(static_cast<int32_t>(cu.size()) - 1);
+    }
+    const int64_t K = static_cast<int64_t>(cu.size()) - 1, S = static_cast<int64_t>(seq.size()) - 1, T = cu.back();
+    const rk::TableChunks chunks{cu.data(), seq.data(), K, S, T};
+    const rk::Geometry g{};
+    for (int64_t split : {1, 4, 32, 256}) {
+      const std::string what = "table pieces K=" + std::to_string(K) + " split=" + std::to_string(split);
+      std::vector<int> covered(T, 0);
+      std::vector<std::vector<int64_t>> slots(K);
+      for (int64_t idx = 0; idx < chunks.num_pieces(split); ++idx) {
+        const rk::Piece p = chunks.piece(idx, split, 1, g);
+        if (p.t0 >= p.t1) continue;
+        const int64_t k = seq[p.i_s] + p.i_c;
+        if (p.t1 - p.t0 > split || p.span.first != cu[k] || p.span.count != cu[k + 1] - cu[k] || p.t1 > p.span.count ||
+            p.i_c >= seq[p.i_s + 1] - seq[p.i_s]) {
+          fail(what + ": bad piece " + std::to_string(idx));
+        }
+        for (int64_t t = p.span.first + p.t0; t < p.span.first + p.t1; ++t) ++covered[t];
+        slots[k].push_back(p.slot);
+      }
+      for (int64_t t = 0; t < T; ++t)
+        if (covered[t] != 1) fail(what + ": token " + std::to_string(t) + " covered " + std::to_string(covered[t]));
+      for (int64_t k = 0; k < K; ++k) {
+        std::vector<int64_t> want{k};
+        for (int64_t j = chunks.first_aligned(k, split); j < chunks.last_aligned(k, split); ++j) want.push_back(K + j);
+        if (slots[k] != want) fail(what + ": finish slots of chunk " + std::to_string(k));
+      }
+    }
+  }
+  std::printf("ok   table pieces\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   cuda_emu::options().threads = !(argc > 1 && std::strcmp(argv[1], "--fibers") == 0);
   std::printf("cuda_emu sanitize_driver: %s\n", cuda_emu::options().threads ? "threads" : "fibers");
   detector_tests();
+  table_piece_tests();
   // Small on purpose: with one OS thread per CUDA thread under a sanitizer, every block costs milliseconds.
   const std::vector<Case> cases = {
       {"dense_ragged_vec", {}, 2, 37, 2, 64, 8, true, false, 132},
