@@ -274,3 +274,20 @@ def test_cuda_table_matches_integer_large_bf16(skewed):
         dx_i, dq_i = OPS.chunk_route_bwd(torch.ones_like(x), torch.zeros_like(w), torch.ones_like(s), x, query, w, cs,
                                          cu, n, 0.1)
         torch.testing.assert_close((dx, dq), (dx_i, dq_i), rtol=TOL[torch.bfloat16], atol=1e-4)
+
+
+# chunk_mean_bwd's CUDA kernel (chunk_route's scale pass over the integer chunks) against the C++ CPU kernel.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout,cs", [({"B": 2, "N": 37}, 8), ({"lengths": [7, 0, 33, 1]}, 4)],
+                         ids=["dense", "varlen"])
+def test_cuda_chunk_mean_bwd_matches_cpu(layout, cs, dtype):
+    if not has_kernel("chunk_mean_bwd", "cuda"):
+        pytest.skip("routing_kernels._C was built without the CUDA chunk_mean_bwd kernel")
+    x, cu, ms = make(layout, heads=3, dim=40, dtype=dtype)
+    max_len = x.shape[1] if cu is None else ms
+    mean = OPS.chunk_mean_fwd(x, cs, cu, max_len)
+    grad = torch.randn(mean.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+    want = OPS.chunk_mean_bwd(grad, x, cs, cu, max_len)
+    _poison_cuda_cache()
+    got = OPS.chunk_mean_bwd(grad.cuda(), x.cuda(), cs, _cuda(cu), max_len)
+    torch.testing.assert_close(got.cpu(), want, rtol=TOL[dtype], atol=TOL[dtype])

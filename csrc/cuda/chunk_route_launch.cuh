@@ -210,5 +210,28 @@ void chunk_route_bwd_launch(const ChunkMeanShape& sh, const Geometry& g, int sms
   }
 }
 
+// chunk_mean_bwd on integer chunks: dx (x's layout, contiguous) = grad_mean[s, c] / |chunk| from a contiguous
+// grad_mean (S, M, H, D); the same scale_chunks pass as the table's backward. Needs x.numel() > 0.
+template <typename scalar_t>
+void chunk_mean_bwd_launch(const ChunkMeanShape& sh, const Geometry& g, const scalar_t* p_grad, const int32_t* p_cu,
+                           scalar_t* p_dx, cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  const bool vec = can_vectorize<scalar_t>(g, {p_grad, p_dx});
+  auto run = [&](auto chunks) {
+    if (vec) {
+      launch_scale<scalar_t, VEC, SCALE_MEAN_BWD>(sh, g, nullptr, p_dx, chunks, nullptr, nullptr, nullptr, 0, nullptr,
+                                                  p_grad, accum_t<scalar_t>(0), stream);
+    } else {
+      launch_scale<scalar_t, 1, SCALE_MEAN_BWD>(sh, g, nullptr, p_dx, chunks, nullptr, nullptr, nullptr, 0, nullptr,
+                                                p_grad, accum_t<scalar_t>(0), stream);
+    }
+  };
+  if (sh.varlen) {
+    run(UniformChunks<true>{p_cu});
+  } else {
+    run(UniformChunks<false>{nullptr});
+  }
+}
+
 }  // namespace
 }  // namespace routing_kernels

@@ -48,6 +48,14 @@ at::Tensor chunk_mean_fwd_emu(const at::Tensor& x, int64_t chunk_size, const std
   return guarded("chunk_mean_fwd", [&] { return chunk_mean_fwd_entry(x, chunk_size, cu_seqlens, max_seqlen, env); });
 }
 
+at::Tensor chunk_mean_bwd_emu(const at::Tensor& grad_mean, const at::Tensor& x, int64_t chunk_size,
+                              const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, int64_t sms,
+                              int64_t schedule, int64_t seed) {
+  const LaunchEnv env = emu_env(sms, schedule, seed);
+  return guarded("chunk_mean_bwd",
+                 [&] { return chunk_mean_bwd_entry(grad_mean, x, chunk_size, cu_seqlens, max_seqlen, env); });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_route_fwd_emu(const at::Tensor& x, const at::Tensor& query,
                                                                    int64_t chunk_size,
                                                                    const std::optional<at::Tensor>& cu_seqlens,
@@ -117,6 +125,8 @@ std::tuple<at::Tensor, at::Tensor> chunk_route_table_bwd_emu(const at::Tensor& d
 TORCH_LIBRARY(routing_kernels_emu, m) {
   m.def("chunk_mean_fwd(Tensor x, int chunk_size, Tensor? cu_seqlens, int max_seqlen, int sms, int schedule, "
         "int seed) -> Tensor");
+  m.def("chunk_mean_bwd(Tensor grad_mean, Tensor x, int chunk_size, Tensor? cu_seqlens, int max_seqlen, int sms, "
+        "int schedule, int seed) -> Tensor");
   m.def("chunk_route_fwd(Tensor x, Tensor query, int chunk_size, Tensor? cu_seqlens, int max_seqlen, float scale, "
         "int sms, int schedule, int seed) -> (Tensor, Tensor, Tensor)");
   m.def("chunk_route_bwd(Tensor dy, Tensor dweights, Tensor dsummary, Tensor x, Tensor query, Tensor weights, "
@@ -136,6 +146,7 @@ TORCH_LIBRARY(routing_kernels_emu, m) {
 
 TORCH_LIBRARY_IMPL(routing_kernels_emu, CPU, m) {
   m.impl("chunk_mean_fwd", TORCH_FN(routing_kernels::chunk_mean_fwd_emu));
+  m.impl("chunk_mean_bwd", TORCH_FN(routing_kernels::chunk_mean_bwd_emu));
   m.impl("chunk_route_fwd", TORCH_FN(routing_kernels::chunk_route_fwd_emu));
   m.impl("chunk_route_bwd", TORCH_FN(routing_kernels::chunk_route_bwd_emu));
   m.impl("chunk_mean_table_fwd", TORCH_FN(routing_kernels::chunk_mean_table_fwd_emu));
