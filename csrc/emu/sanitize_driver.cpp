@@ -244,6 +244,10 @@ void run_case(const Case& c) {
     } else if (S * M * R > 0 && !is_table) {
       rk::chunk_mean_cuda::launch_chunk_mean<T>(sh, cs, x.p, p_cu, mean_out.p, nullptr);
       compare(name + " chunk_mean", mean_out.p, mean, tol_of(T{}));
+      if (T_ > 0) {
+        rk::chunk_mean_bwd_launch<T>(sh, g, grad_mean.p, p_cu, dx_mean.p, nullptr);
+        compare(name + " chunk_mean dx", dx_mean.p, dx_mean_ref, tol_of(T{}));
+      }
     }
   } catch (const std::exception& e) {
     fail(name + ": " + e.what());
