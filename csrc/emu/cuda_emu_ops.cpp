@@ -2,7 +2,8 @@
 // tensors in their own namespace, routing_kernels_emu (never routing_kernels: the production ops stay untouched).
 // Also the chunk-table ops (chunk_*_table_*). Built by python_tests/cuda_emu.py (torch.utils.cpp_extension.load,
 // cached under build/cuda_emu) or by CMake (ROUTING_KERNELS_CUDA_EMU=ON). Each op runs the production tensor
-// entry (chunk_*_entry.cuh), so the grid, tiling, alignment and launch decisions are the real ones; the extra arguments pick what a GPU would decide:
+// entry (chunk_*_entry.cuh), so the grid, tiling, alignment and launch decisions are the real ones; the extra
+// arguments pick what a GPU would decide:
 //   sms       SM count the grids are sized for (1, 132 for an H100 SXM / H200)
 //   schedule  bits 0-1: cuda_emu::Schedule; bit 2: blocks in reverse order; bit 3: std::thread per CUDA thread
 //   seed      for the race-ahead and random schedules
