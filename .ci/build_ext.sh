@@ -43,4 +43,7 @@ for key, value in info.items():
     print(f"  {key}: {value}")
 assert info["extension"] == "loaded" and info["cuda_built"], "routing_kernels._C did not load with CUDA kernels"
 assert _ext.has_kernel("chunk_mean_fwd", "cpu") and _ext.has_kernel("chunk_mean_fwd", "cuda")
+for op in ("chunk_route_fwd", "chunk_mean_bwd", "chunk_mean_table_fwd", "chunk_mean_table_bwd", "chunk_route_table_fwd",
+           "chunk_route_table_bwd"):
+    assert _ext.has_kernel(op, "cuda"), f"routing_kernels._C has no CUDA kernel for {op}"
 PY

@@ -1,5 +1,6 @@
 """Hand-written CUDA chunk_route kernels (csrc/cuda/chunk_route.cu) against the C++ CPU kernels, which
-test_cpu_chunk_route.py checks against the eager reference: forward and backward, all four dtypes, dense and
+test_cpu_chunk_route.py checks against the eager reference (and the chunk-table kernels of chunk_table.cu against
+the eager table references): forward and backward, all four dtypes, dense and
 varlen, the vectorized and scalar paths, a large shape, misaligned and non-contiguous inputs. GPU only: the
 `gpu` marker skips every test here on a machine without one."""
 from __future__ import annotations
@@ -9,6 +10,9 @@ import torch
 
 import routing_kernels as rk
 from routing_kernels._ext import has_kernel
+from chunk_tables import TABLE_CASES, TABLE_IDS, make_table
+from routing_kernels.ops.chunk_mean.reference import chunk_mean_table_backward_ref, chunk_mean_table_ref
+from routing_kernels.ops.chunk_route.reference import chunk_route_table_backward_ref, chunk_route_table_ref
 from shapes import CUDA_CASES as CASES
 from shapes import CUDA_HEADS as HEADS
 from shapes import make, num_seqs
@@ -186,3 +190,104 @@ def test_public_chunk_route_cuda_matches_reference(layout, cs, dtype):
         cot = [torch.randn(o.shape, generator=g, dtype=torch.float64).to("cuda", o.dtype) for o in outs]
         results.append((*outs, *torch.autograd.grad(outs, (xa, qa), cot)))
     torch.testing.assert_close(results[0], results[1], rtol=TOL[dtype], atol=TOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The chunk-table kernels (csrc/cuda/chunk_table*.cuh) against the eager table references on the CPU: every case
+# of chunk_tables.TABLE_CASES (1000x-skewed chunks, empty sequences, no tokens), all four dtypes, outputs read from
+# a NaN-filled allocator cache. The emulated twin, with schedules and SM counts: test_cuda_emu_chunk_table.py.
+def _table_ops_both(x, query, table, scale):
+    """(mean, dmean_x, y, weights, summary, dx, dquery) from the CUDA table ops and from the references; the
+    backwards get the reference forward's weights and the same random cotangents."""
+    mean = chunk_mean_table_ref(x, *table)
+    grad_mean = torch.randn(mean.shape, generator=torch.Generator().manual_seed(5)).to(x.dtype)
+    fwd = chunk_route_table_ref(x, query, *table, scale)
+    dy, dweights, dsummary = _grads_like(x, query, fwd[1])
+    want = (mean, chunk_mean_table_backward_ref(grad_mean, x, *table), *fwd,
+            *chunk_route_table_backward_ref(dy, dweights, dsummary, x, query, fwd[1], *table, scale))
+    _poison_cuda_cache()
+    cu_d, seq_d, m = table[0].cuda(), table[1].cuda(), table[2]
+    x_d, q_d = x.cuda(), query.cuda()
+    got = (OPS.chunk_mean_table_fwd(x_d, cu_d, seq_d, m),
+           OPS.chunk_mean_table_bwd(grad_mean.cuda(), x_d, cu_d, seq_d, m),
+           *OPS.chunk_route_table_fwd(x_d, q_d, cu_d, seq_d, m, scale),
+           *OPS.chunk_route_table_bwd(dy.cuda(), dweights.cuda(), dsummary.cuda(), x_d, q_d, fwd[1].cuda(), cu_d, seq_d,
+                                      m, scale))
+    return got, want
+
+
+@pytest.mark.parametrize("heads,dim,per_seq", [(3, 5, True), (2, 64, False), (4, 128, False)],
+                         ids=["H3_D5_query_per_seq", "H2_D64", "H4_D128"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", TABLE_CASES, ids=TABLE_IDS)
+def test_cuda_table_ops_match_reference(case, dtype, heads, dim, per_seq):
+    if not has_kernel("chunk_route_table_fwd", "cuda"):
+        pytest.skip("routing_kernels._C was built without the CUDA chunk-table kernels")
+    _, lengths, rule = case
+    x, _, cu_chunks, seq_chunks, max_chunks = make_table(lengths, rule, heads, dim, dtype=dtype)
+    q_shape = (len(lengths), heads, dim) if per_seq else (heads, dim)
+    query = torch.randn(q_shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
+    got, want = _table_ops_both(x, query, (cu_chunks, seq_chunks, max_chunks), dim ** -0.5)
+    tol = TOL[dtype]
+    names = ("mean", "dmean_x", "y", "weights", "summary", "dx", "dquery")
+    for name, a, b in zip(names, got, want):
+        assert a.device.type == "cuda" and a.dtype == b.dtype and a.shape == b.shape, name
+        scale = min(1.0, b.abs().max().item()) if b.numel() else 1.0
+        torch.testing.assert_close(a.cpu(), b, rtol=tol, atol=tol * max(scale, 1e-3), msg=lambda m: f"{name}: {m}")
+
+
+# A uniform table gives the integer kernels' numbers, on a bf16 input of 2^31 + 2^21 values (int64 offsets in the
+# table path: an int32 one fails it), with one chunk 1000x longer than the rest in the second case.
+@pytest.mark.parametrize("skewed", [False, True], ids=["uniform", "one_long_chunk"])
+def test_cuda_table_matches_integer_large_bf16(skewed):
+    if not has_kernel("chunk_route_table_fwd", "cuda"):
+        pytest.skip("routing_kernels._C was built without the CUDA chunk-table kernels")
+    n, cs = 2**20 + 1024, 64
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2 * n, 8, 128, generator=g).to("cuda", torch.bfloat16)
+    query = torch.randn(8, 128, generator=g).to("cuda", torch.bfloat16)
+    cu = torch.tensor([0, n, 2 * n], dtype=torch.int32, device="cuda")
+    starts = torch.arange(0, n, cs, device="cuda")
+    bounds = torch.cat([starts, starts + n, torch.tensor([2 * n], device="cuda")])
+    if skewed:  # merge the second sequence's first 1000 chunks into one
+        bounds = torch.cat([bounds[: len(starts) + 1], bounds[len(starts) + 1000:]])
+    cu_chunks = bounds.to(torch.int32)
+    seq_chunks = torch.tensor([0, len(starts), len(bounds) - 1], dtype=torch.int32, device="cuda")
+    m = len(starts)
+    y, w, s = OPS.chunk_route_table_fwd(x, query, cu_chunks, seq_chunks, m, 0.1)
+    if not skewed:
+        y_i, w_i, s_i = OPS.chunk_route_fwd(x, query, cs, cu, n, 0.1)
+        torch.testing.assert_close((y, w, s), (y_i, w_i, s_i), rtol=TOL[torch.bfloat16], atol=1e-5)
+    else:  # the long chunk's weight and mean against a float64 sum on the GPU
+        mean = x[n: n + 1000 * cs].double().mean(0)
+        score = 0.1 * (query.double() * mean).sum(-1)
+        assert torch.isfinite(y).all() and torch.isfinite(w).all()
+        assert (w[1, :, 0] > 0).all() and (w[1, :, m - 999:] == 0).all()
+        next_mean = x[n + 1000 * cs: n + 1001 * cs].double().mean(0)
+        next_score = 0.1 * (query.double() * next_mean).sum(-1)
+        torch.testing.assert_close(w[1, :, 0].double().log() - w[1, :, 1].double().log(), score - next_score,
+                                   rtol=1e-3, atol=1e-3)
+    dx, dq = OPS.chunk_route_table_bwd(torch.ones_like(x), torch.zeros_like(w), torch.ones_like(s), x, query, w,
+                                       cu_chunks, seq_chunks, m, 0.1)
+    assert torch.isfinite(dx).all() and torch.isfinite(dq).all()
+    if not skewed:
+        dx_i, dq_i = OPS.chunk_route_bwd(torch.ones_like(x), torch.zeros_like(w), torch.ones_like(s), x, query, w, cs,
+                                         cu, n, 0.1)
+        torch.testing.assert_close((dx, dq), (dx_i, dq_i), rtol=TOL[torch.bfloat16], atol=1e-4)
+
+
+# chunk_mean_bwd's CUDA kernel (chunk_route's scale pass over the integer chunks) against the C++ CPU kernel.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout,cs", [({"B": 2, "N": 37}, 8), ({"lengths": [7, 0, 33, 1]}, 4)],
+                         ids=["dense", "varlen"])
+def test_cuda_chunk_mean_bwd_matches_cpu(layout, cs, dtype):
+    if not has_kernel("chunk_mean_bwd", "cuda"):
+        pytest.skip("routing_kernels._C was built without the CUDA chunk_mean_bwd kernel")
+    x, cu, ms = make(layout, heads=3, dim=40, dtype=dtype)
+    max_len = x.shape[1] if cu is None else ms
+    mean = OPS.chunk_mean_fwd(x, cs, cu, max_len)
+    grad = torch.randn(mean.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+    want = OPS.chunk_mean_bwd(grad, x, cs, cu, max_len)
+    _poison_cuda_cache()
+    got = OPS.chunk_mean_bwd(grad.cuda(), x.cuda(), cs, _cuda(cu), max_len)
+    torch.testing.assert_close(got.cpu(), want, rtol=TOL[dtype], atol=TOL[dtype])

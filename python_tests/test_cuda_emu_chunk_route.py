@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import cuda_emu
-from routing_kernels.ops.chunk_mean.reference import chunk_mean_ref
+from routing_kernels.ops.chunk_mean.reference import chunk_mean_backward_ref, chunk_mean_ref
 from routing_kernels.ops.chunk_route.reference import chunk_route_backward_ref, chunk_route_ref
 from shapes import CUDA_CASES as CASES
 from shapes import CUDA_HEADS as HEADS
@@ -129,9 +129,16 @@ def test_emulated_cuda_expanded_grads(ops):
 def test_emulated_chunk_mean_matches_reference(ops, layout, cs, dtype):
     x, cu, ms = make(layout, heads=3, dim=40, dtype=dtype)
     max_len = x.shape[1] if cu is None else ms
+    want = chunk_mean_ref(x, cs, cu, ms)
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
     for sms in (1, H100_SMS):
         got = ops.chunk_mean_fwd(x, cs, cu, max_len, sms, 0, 0)
-        assert_close_scaled(got, chunk_mean_ref(x, cs, cu, ms), dtype, name="chunk_mean")
+        assert_close_scaled(got, want, dtype, name="chunk_mean")
+        # the backward (chunk_route's scale pass); a stride-0 gradient as a .sum() backward hands in
+        for g in (grad, torch.ones(()).to(dtype).expand(want.shape)):
+            dx = ops.chunk_mean_bwd(g, x, cs, cu, max_len, sms, 0, 0)
+            assert dx.shape == x.shape and dx.dtype == x.dtype and dx.is_contiguous()
+            assert_close_scaled(dx, chunk_mean_backward_ref(g, x, cs, cu, ms), dtype, name="chunk_mean dx")
 
 
 # Every fiber order the emulator offers, and blocks reversed. A missing barrier or a read of another thread's

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "chunk_geometry.cuh"
 #include "launch.cuh"
 
 namespace routing_kernels {
@@ -84,49 +85,18 @@ __device__ T block_reduce(T v, Op op, T* s_warp) {
   return r;
 }
 
-struct Geometry {
-  int64_t seqlen;      // N (dense); unused for varlen
-  int64_t num_chunks;  // M
-  int64_t num_heads;   // H
-  int64_t head_dim;    // D
-  int64_t row;         // H * D values per token
-  int64_t chunk_size;
-  int64_t longest_chunk;  // min(chunk_size, longest sequence), >= 1; sizes token loops and slabs
-};
-
-struct Span {
-  int64_t first;  // first token (row of x)
-  int64_t count;  // tokens in the chunk; <= 0 when the sequence has no such chunk
-};
-
-template <bool IS_VARLEN>
-__device__ __forceinline__ Span chunk_span(const int32_t* __restrict__ cu, int64_t i_s, int64_t i_c,
-                                           const Geometry& g) {
-  int64_t bos = i_s * g.seqlen, len = g.seqlen;
-  if constexpr (IS_VARLEN) {
-    bos = cu[i_s];
-    len = cu[i_s + 1] - bos;
-  }
-  const int64_t o_t = i_c * g.chunk_size;
-  return {bos + o_t, len - o_t < g.chunk_size ? len - o_t : g.chunk_size};
-}
-
-// The grids cover M = ceil(max_seqlen / chunk_size) chunks of at most longest_chunk tokens each (longest_chunk is
-// min(chunk_size, max_seqlen)); a varlen sequence longer than that would keep tokens no work item reaches.
-__device__ __forceinline__ bool sequence_fits(const int32_t* __restrict__ cu, int64_t i_s, const Geometry& g) {
-  const int64_t len = int64_t{cu[i_s + 1]} - cu[i_s];
-  return len <= g.num_chunks * g.chunk_size && (g.longest_chunk == g.chunk_size || len <= g.longest_chunk);
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // Pass 1, per (sequence, chunk, tile of heads): the chunk mean of x (into means (S*M, H*D)) and per head
-//   forward : out[s, h, c] = alpha * <vec[s, h], mean_h>
+//   forward : out[s, h, c] = alpha * <vec[s, h], mean_h>      (chunk_mean_table_fwd: vec and out nullptr)
 //   backward: out[s, h, c] = <vec[s, h], mean_h> + sum_t <dy_t,h, x_t,h> + extra[s, h, c]
 // and out = empty_value, mean = 0 where the sequence has no chunk c.
 // A tile is heads [h0, h0 + HT): TV = HT * D / VEC vectors of VEC values. Thread (i_g, i_v) of the block owns
 // vector i_v and sums tokens i_g, i_g + TG, ... of the chunk (TG token groups: many loads in flight even when the
 // tile is one narrow head). The groups are added in a fixed order through shared memory, then one warp per head
 // adds that head's D products: no atomics, so the result does not depend on scheduling.
+// Integer chunks (at most chunk_size tokens) take one work item each. A table's chunk may be 1000x longer than
+// the next, so its pieces (chunk_geometry.cuh, <= chunk_size tokens) take one item each and write their sums
+// into part_sum / part_dot (a row per piece); finish_table_chunks_kernel then adds each chunk's pieces in order.
 
 template <int VEC>
 struct ReduceSlots {  // shared values per array: a tile of <= 256 vectors, or of <= 1024 scalars
@@ -138,7 +108,7 @@ struct ReduceTiling {
   int64_t num_tiles;       // ceil(H / HT)
   int64_t tile_vecs;       // vectors of a full tile, HT * D / VEC
   int64_t token_groups;    // TG
-  int64_t num_items;       // S * M * num_tiles
+  int64_t num_items;       // pieces (S * M for integer chunks) * num_tiles
   int64_t threads;
 };
 
@@ -146,13 +116,75 @@ struct ReduceTiling {
 template <int VEC>
 constexpr int REDUCE_MAX_THREADS = VEC == 1 ? 1024 : 256;
 
-template <typename scalar_t, int VEC, bool IS_VARLEN, bool IS_BWD>
+// s[slot] + s[TV * VEC + slot] + ... over the TG groups, in group order.
+template <typename acc_t>
+__device__ __forceinline__ acc_t add_groups(const acc_t* s, int64_t slot, int64_t stride, int64_t TG) {
+  acc_t sum = s[slot];
+  for (int64_t o_g = 1; o_g < TG; ++o_g) sum += s[o_g * stride + slot];
+  return sum;
+}
+
+// The missing chunk c of sequence s: mean 0 and out = empty_value over the tile. Block-uniform caller.
+template <typename acc_t>
+__device__ __forceinline__ void write_missing(acc_t* p_mean, acc_t* out, int64_t o_out, int64_t nh, int64_t D,
+                                              int64_t M, acc_t empty_value) {
+  for (int64_t e = threadIdx.x; e < nh * D; e += blockDim.x) p_mean[e] = acc_t(0);
+  if (out != nullptr) {
+    for (int64_t j = threadIdx.x; j < nh; j += blockDim.x) out[o_out + j * M] = empty_value;
+  }
+}
+
+// The end of a pass-1 item, once s_sum (and s_dot) hold the TG groups' sums of the chunk: group 0 adds the groups,
+// writes the mean, and leaves each value's share of its head's score in s_sum (in place: slot (0, i_v) is read by
+// this thread only); then one warp per head adds its D shares into out[o_out + j * M]. Every thread calls it.
+template <typename scalar_t, int VEC, bool IS_BWD>
+__device__ void finish_chunk(accum_t<scalar_t>* s_sum, const accum_t<scalar_t>* s_dot, int64_t TV, int64_t TG,
+                             int64_t n_vec, int64_t nh, int64_t D, int64_t M, int64_t count,
+                             const scalar_t* p_vec, accum_t<scalar_t>* p_mean, accum_t<scalar_t>* out, int64_t o_out,
+                             const accum_t<scalar_t>* extra, accum_t<scalar_t> alpha) {
+  using acc_t = accum_t<scalar_t>;
+  const int64_t i_v = threadIdx.x % (TV > 0 ? TV : 1), i_g = threadIdx.x / (TV > 0 ? TV : 1);
+  const int64_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+  if (i_g == 0 && i_v < n_vec) {
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(count);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const int64_t slot = i_v * VEC + k;
+      const acc_t sum = add_groups(s_sum, slot, TV * VEC, TG);
+      const acc_t dot = IS_BWD ? add_groups(s_dot, slot, TV * VEC, TG) : acc_t(0);
+      const acc_t mean = sum * inv;
+      p_mean[slot] = mean;
+      if (p_vec != nullptr) s_sum[slot] = static_cast<acc_t>(p_vec[i_v * VEC + k]) * mean + dot;
+    }
+  }
+  __syncthreads();
+
+  if (out != nullptr) {  // one warp per head of the tile: add its D shares
+    for (int64_t j = warp; j < nh; j += num_warps) {
+      acc_t part = 0;
+      for (int64_t d = lane; d < D; d += 32) part += s_sum[j * D + d];
+      part = warp_reduce(part, SumOp{});
+      if (lane == 0) {
+        const int64_t o = o_out + j * M;
+        if constexpr (IS_BWD) {
+          out[o] = part + extra[o];
+        } else {
+          out[o] = alpha * part;
+        }
+      }
+    }
+  }
+  __syncthreads();  // s_sum is rewritten by the next item
+}
+
+template <typename scalar_t, int VEC, typename Chunks, bool IS_BWD>
 __global__ void __launch_bounds__(REDUCE_MAX_THREADS<VEC>)
-    reduce_chunks_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
-                         const int32_t* __restrict__ cu, const scalar_t* __restrict__ vec, int64_t vec_seq_stride,
+    reduce_chunks_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, Chunks chunks,
+                         const scalar_t* __restrict__ vec, int64_t vec_seq_stride,
                          const accum_t<scalar_t>* __restrict__ extra, accum_t<scalar_t> alpha,
                          accum_t<scalar_t> empty_value, accum_t<scalar_t>* __restrict__ means,
-                         accum_t<scalar_t>* __restrict__ out, Geometry g, ReduceTiling tl) {
+                         accum_t<scalar_t>* __restrict__ out, accum_t<scalar_t>* __restrict__ part_sum,
+                         accum_t<scalar_t>* __restrict__ part_dot, Geometry g, ReduceTiling tl) {
   using acc_t = accum_t<scalar_t>;
   constexpr int SLOTS = ReduceSlots<VEC>::value;
   RK_SHARED_ARRAY(acc_t, s_sum, SLOTS);               // [group][value] partial sums, then each value's product
@@ -160,35 +192,33 @@ __global__ void __launch_bounds__(REDUCE_MAX_THREADS<VEC>)
   const int64_t H = g.num_heads, D = g.head_dim, M = g.num_chunks, row = g.row;
   const int64_t TV = tl.tile_vecs, TG = tl.token_groups;
   const int64_t i_v = threadIdx.x % (TV > 0 ? TV : 1), i_g = threadIdx.x / (TV > 0 ? TV : 1);
-  const int64_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
 
   for (int64_t item = blockIdx.x; item < tl.num_items; item += gridDim.x) {
-    const int64_t i_sc = item / tl.num_tiles;  // (sequence, chunk) = row of means
     const int64_t h0 = (item % tl.num_tiles) * tl.heads_per_tile;
-    const int64_t i_s = i_sc / M, i_c = i_sc % M;
+    const Piece pc = chunks.piece(item / tl.num_tiles, g.chunk_size, 1, g);
+    const int64_t i_s = pc.i_s, i_c = pc.i_c;
     const int64_t nh = min(tl.heads_per_tile, H - h0);  // the last tile may be narrower
     const int64_t n_vec = nh * D / VEC;
     const int64_t o_tile = h0 * D;  // first value of the tile in the row; a multiple of VEC
-    acc_t* p_mean = means + i_sc * row + o_tile;
-    const Span sp = chunk_span<IS_VARLEN>(cu, i_s, i_c, g);
-    if constexpr (IS_VARLEN) {  // once per sequence and tile, on its last chunk
-      RK_DEVICE_CHECK(i_c != M - 1 || sequence_fits(cu, i_s, g),
-                      "a sequence of cu_seqlens is longer than max_seqlen: its tail would be left unwritten");
+    acc_t* p_mean = means + (i_s * M + i_c) * row + o_tile;
+    if constexpr (!Chunks::IS_TABLE) {  // once per sequence and tile, on its last chunk
+      RK_DEVICE_CHECK(i_c != M - 1 || chunks.fits(i_s, g), Chunks::FIT_MESSAGE);
     }
-    if (sp.count <= 0) {  // block-uniform branch: no barrier is skipped by only part of the block
-      for (int64_t e = threadIdx.x; e < nh * D; e += blockDim.x) p_mean[e] = acc_t(0);
-      for (int64_t j = threadIdx.x; j < nh; j += blockDim.x) out[(i_s * H + h0 + j) * M + i_c] = empty_value;
+    if (pc.t0 >= pc.t1) {  // block-uniform branch: no barrier is skipped by only part of the block
+      if constexpr (!Chunks::IS_TABLE) {  // a missing chunk (a table's missing chunks are written by the finish)
+        write_missing(p_mean, out, (i_s * H + h0) * M + i_c, nh, D, M, empty_value);
+      }
       continue;
     }
 
-    const bool active = i_v < n_vec && i_g < TG;
-    if (active) {
+    if (i_v < n_vec && i_g < TG) {
       acc_t b_sum[VEC], b_dot[VEC];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) b_sum[k] = b_dot[k] = acc_t(0);
-      const int64_t o_x = sp.first * row + o_tile + i_v * VEC;
+      const int64_t o_x = (pc.span.first + pc.t0) * row + o_tile + i_v * VEC;
+      const int64_t n_tok = pc.t1 - pc.t0;
 #pragma unroll 4
-      for (int64_t t = i_g; t < sp.count; t += TG) {
+      for (int64_t t = i_g; t < n_tok; t += TG) {
         const Pack<scalar_t, VEC> b_x = load_pack<VEC>(x + o_x + t * row);
         if constexpr (IS_BWD) {
           const Pack<scalar_t, VEC> b_dy = load_pack<VEC>(dy + o_x + t * row);
@@ -206,42 +236,80 @@ __global__ void __launch_bounds__(REDUCE_MAX_THREADS<VEC>)
     }
     __syncthreads();
 
-    // Group 0 adds the groups, writes the mean, and leaves each value's share of its head's score in s_sum
-    // (in place: slot (0, i_v) is read by this thread only).
-    if (i_g == 0 && i_v < n_vec) {
-      const acc_t inv = acc_t(1) / static_cast<acc_t>(sp.count);
-      const scalar_t* p_vec = vec + i_s * vec_seq_stride + o_tile + i_v * VEC;
+    if constexpr (Chunks::IS_TABLE) {  // the piece's sums, groups added in order, into its partial row
+      if (i_g == 0 && i_v < n_vec) {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const int64_t slot = i_v * VEC + k;
-        acc_t sum = s_sum[slot], dot = acc_t(0);
-        for (int64_t o_g = 1; o_g < TG; ++o_g) sum += s_sum[o_g * TV * VEC + slot];
-        if constexpr (IS_BWD) {
-          dot = s_dot[slot];
-          for (int64_t o_g = 1; o_g < TG; ++o_g) dot += s_dot[o_g * TV * VEC + slot];
+        for (int k = 0; k < VEC; ++k) {
+          const int64_t slot = i_v * VEC + k, o_p = pc.slot * row + o_tile + slot;
+          part_sum[o_p] = add_groups(s_sum, slot, TV * VEC, TG);
+          if constexpr (IS_BWD) part_dot[o_p] = add_groups(s_dot, slot, TV * VEC, TG);
         }
-        const acc_t mean = sum * inv;
-        p_mean[slot] = mean;
-        s_sum[slot] = static_cast<acc_t>(p_vec[k]) * mean + dot;
+      }
+      __syncthreads();  // s_sum is rewritten by the next item
+    } else {
+      finish_chunk<scalar_t, VEC, IS_BWD>(s_sum, s_dot, TV, TG, n_vec, nh, D, M, pc.span.count,
+                                          vec + i_s * vec_seq_stride + o_tile, p_mean, out,
+                                          (i_s * H + h0) * M + i_c, extra, alpha);
+    }
+  }
+}
+
+// Pass 1b of a chunk table, per (sequence, chunk, tile of heads): thread (i_g, i_v) adds pieces i_g, i_g + TG, ...
+// of the chunk (its head piece, then its aligned pieces in token order), then finish_chunk as for integer chunks.
+// Also writes the missing chunks, and checks (no host sync) that no sequence has more than max_chunks chunks.
+template <typename scalar_t, int VEC, bool IS_BWD>
+__global__ void __launch_bounds__(REDUCE_MAX_THREADS<VEC>)
+    finish_table_chunks_kernel(TableChunks chunks, const scalar_t* __restrict__ vec, int64_t vec_seq_stride,
+                               const accum_t<scalar_t>* __restrict__ extra, accum_t<scalar_t> alpha,
+                               accum_t<scalar_t> empty_value, const accum_t<scalar_t>* __restrict__ part_sum,
+                               const accum_t<scalar_t>* __restrict__ part_dot, accum_t<scalar_t>* __restrict__ means,
+                               accum_t<scalar_t>* __restrict__ out, Geometry g, ReduceTiling tl, int64_t num_items) {
+  using acc_t = accum_t<scalar_t>;
+  constexpr int SLOTS = ReduceSlots<VEC>::value;
+  RK_SHARED_ARRAY(acc_t, s_sum, SLOTS);
+  RK_SHARED_ARRAY(acc_t, s_dot, IS_BWD ? SLOTS : 1);
+  const int64_t H = g.num_heads, D = g.head_dim, M = g.num_chunks, row = g.row, K = chunks.num_chunks;
+  const int64_t TV = tl.tile_vecs, TG = tl.token_groups;
+  const int64_t i_v = threadIdx.x % (TV > 0 ? TV : 1), i_g = threadIdx.x / (TV > 0 ? TV : 1);
+
+  for (int64_t item = blockIdx.x; item < num_items; item += gridDim.x) {
+    const int64_t i_sc = item / tl.num_tiles, h0 = (item % tl.num_tiles) * tl.heads_per_tile;
+    const int64_t i_s = i_sc / M, i_c = i_sc % M;
+    const int64_t nh = min(tl.heads_per_tile, H - h0), n_vec = nh * D / VEC, o_tile = h0 * D;
+    const int64_t o_out = (i_s * H + h0) * M + i_c;
+    acc_t* p_mean = means + i_sc * row + o_tile;
+    RK_DEVICE_CHECK(i_c != M - 1 || chunks.chunks_of(i_s) <= M,
+                    "a sequence of seq_chunks has more than max_chunks chunks: they would be left out");
+    const Span sp = chunks.span(i_s, i_c, g);
+    if (sp.count <= 0) {  // block-uniform
+      write_missing(p_mean, out, o_out, nh, D, M, empty_value);
+      continue;
+    }
+    const int64_t k = chunks.seq_chunks[i_s] + i_c;
+    const int64_t j0 = chunks.first_aligned(k, g.chunk_size);
+    const int64_t n_pieces = 1 + chunks.last_aligned(k, g.chunk_size) - j0;
+    if (i_v < n_vec && i_g < TG) {
+      acc_t b_sum[VEC], b_dot[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) b_sum[e] = b_dot[e] = acc_t(0);
+      for (int64_t r = i_g; r < n_pieces; r += TG) {
+        const int64_t o_p = (r == 0 ? k : K + j0 + r - 1) * row + o_tile + i_v * VEC;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          b_sum[e] += part_sum[o_p + e];
+          if constexpr (IS_BWD) b_dot[e] += part_dot[o_p + e];
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        s_sum[(i_g * TV + i_v) * VEC + e] = b_sum[e];
+        if constexpr (IS_BWD) s_dot[(i_g * TV + i_v) * VEC + e] = b_dot[e];
       }
     }
     __syncthreads();
-
-    // One warp per head of the tile: add its D shares.
-    for (int64_t j = warp; j < nh; j += num_warps) {
-      acc_t part = 0;
-      for (int64_t d = lane; d < D; d += 32) part += s_sum[j * D + d];
-      part = warp_reduce(part, SumOp{});
-      if (lane == 0) {
-        const int64_t o = (i_s * H + h0 + j) * M + i_c;
-        if constexpr (IS_BWD) {
-          out[o] = part + extra[o];
-        } else {
-          out[o] = alpha * part;
-        }
-      }
-    }
-    __syncthreads();  // s_sum is rewritten by the next item
+    finish_chunk<scalar_t, VEC, IS_BWD>(s_sum, s_dot, TV, TG, n_vec, nh, D, M, sp.count,
+                                        vec == nullptr ? nullptr : vec + i_s * vec_seq_stride + o_tile, p_mean, out,
+                                        o_out, extra, alpha);
   }
 }
 
@@ -332,46 +400,52 @@ __global__ void __launch_bounds__(SOFTMAX_THREADS)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Pass 3, per (sequence, chunk, slab of <= SCALE_SLAB tokens, tile of blockDim vectors of the row):
-//   forward : out_t = w[s, h, c] * src_t
-//   backward: out_t = w[s, h, c] * src_t + (scale * ds[s, h, c] * q[s, h] + w[s, h, c] * dsummary[s, h]) / |c|
-// The per-value factors are set up once per item, then each thread streams its vector over the slab's tokens.
+// Pass 3, per (piece of <= SCALE_SLAB tokens of a chunk, tile of blockDim vectors of the row):
+//   SCALE_FWD     : out_t = w[s, h, c] * src_t
+//   SCALE_BWD     : out_t = w[s, h, c] * src_t + (scale * ds[s, h, c] * q[s, h] + w[s, h, c] * dsummary[s, h]) / |c|
+//   SCALE_MEAN_BWD: out_t = grad_mean[s, c] / |c|                      (chunk_mean's backward; src, w unused)
+// The per-value factors are set up once per item, then each thread streams its vector over the piece's tokens.
+// Pieces: (sequence, chunk, slab) for integer chunks, the table's aligned pieces for a table (chunk_geometry.cuh).
+
+enum ScaleMode { SCALE_FWD = 0, SCALE_BWD = 1, SCALE_MEAN_BWD = 2 };
 
 struct ScaleTiling {
   int64_t slab;       // tokens per item
-  int64_t num_slabs;  // ceil(chunk_size / slab)
+  int64_t num_slabs;  // integer chunks: ceil(chunk_size / slab) slabs per chunk
   int64_t num_tiles;  // ceil(row / VEC / blockDim)
-  int64_t num_items;  // S * M * num_slabs * num_tiles
+  int64_t num_items;  // pieces (S * M * num_slabs for integer chunks) * num_tiles
 };
 
-template <typename scalar_t, int VEC, bool IS_VARLEN, bool IS_BWD>
+template <typename scalar_t, int VEC, typename Chunks, int MODE>
 __global__ void __launch_bounds__(SCALE_THREADS)
-    scale_chunks_kernel(const scalar_t* __restrict__ src, scalar_t* __restrict__ out, const int32_t* __restrict__ cu,
+    scale_chunks_kernel(const scalar_t* __restrict__ src, scalar_t* __restrict__ out, Chunks chunks,
                         const accum_t<scalar_t>* __restrict__ w,
                         const accum_t<scalar_t>* __restrict__ ds, const scalar_t* __restrict__ q,
-                        int64_t q_seq_stride, const scalar_t* __restrict__ dsummary, accum_t<scalar_t> scale,
-                        Geometry g, ScaleTiling tl) {
+                        int64_t q_seq_stride, const scalar_t* __restrict__ dsummary,
+                        const scalar_t* __restrict__ grad_mean, accum_t<scalar_t> scale, Geometry g, ScaleTiling tl) {
   using acc_t = accum_t<scalar_t>;
   const int64_t H = g.num_heads, D = g.head_dim, M = g.num_chunks, row = g.row;
   for (int64_t item = blockIdx.x; item < tl.num_items; item += gridDim.x) {
-    const int64_t i_tile = item % tl.num_tiles, rest = item / tl.num_tiles;
-    const int64_t i_slab = rest % tl.num_slabs, i_sc = rest / tl.num_slabs;
-    const int64_t i_s = i_sc / M, i_c = i_sc % M;
+    const int64_t i_tile = item % tl.num_tiles;
+    const Piece pc = chunks.piece(item / tl.num_tiles, tl.slab, tl.num_slabs, g);
+    const int64_t i_s = pc.i_s, i_c = pc.i_c, t0 = pc.t0, t1 = pc.t1;
     const int64_t o_e = (i_tile * blockDim.x + threadIdx.x) * VEC;  // first value of this thread's vector
-    const Span sp = chunk_span<IS_VARLEN>(cu, i_s, i_c, g);
-    const int64_t t0 = i_slab * tl.slab;
-    const int64_t t1 = min(t0 + tl.slab, sp.count);
     if (t0 >= t1 || o_e >= row) continue;  // missing chunk, slab past the chunk's end, or lane past the row
 
     acc_t b_w[VEC], b_a[VEC];
     int64_t h = o_e / D, d = o_e % D;
-    const acc_t inv = acc_t(1) / static_cast<acc_t>(sp.count);
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(pc.span.count);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {  // a vector may straddle heads when D is not a multiple of VEC
       const int64_t o_w = (i_s * H + h) * M + i_c;
-      b_w[k] = w[o_w];
+      b_w[k] = 0;
       b_a[k] = 0;
-      if constexpr (IS_BWD) {
+      if constexpr (MODE == SCALE_MEAN_BWD) {
+        b_a[k] = static_cast<acc_t>(grad_mean[(i_s * M + i_c) * row + o_e + k]) / static_cast<acc_t>(pc.span.count);
+      } else {
+        b_w[k] = w[o_w];
+      }
+      if constexpr (MODE == SCALE_BWD) {
         b_a[k] = (scale * ds[o_w] * static_cast<acc_t>(q[i_s * q_seq_stride + o_e + k]) +
                   b_w[k] * static_cast<acc_t>(dsummary[i_s * row + o_e + k])) *
                  inv;
@@ -381,17 +455,24 @@ __global__ void __launch_bounds__(SCALE_THREADS)
         ++h;
       }
     }
-    const int64_t o_first = (sp.first + t0) * row + o_e;
-#pragma unroll 4
-    for (int64_t t = 0; t < t1 - t0; ++t) {
-      const Pack<scalar_t, VEC> b_src = load_pack<VEC>(src + o_first + t * row);
+    const int64_t o_first = (pc.span.first + t0) * row + o_e;
+    if constexpr (MODE == SCALE_MEAN_BWD) {
       Pack<scalar_t, VEC> b_out;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const acc_t v = b_w[k] * static_cast<acc_t>(b_src.v[k]);
-        b_out.v[k] = static_cast<scalar_t>(IS_BWD ? v + b_a[k] : v);
+      for (int k = 0; k < VEC; ++k) b_out.v[k] = static_cast<scalar_t>(b_a[k]);
+      for (int64_t t = 0; t < t1 - t0; ++t) store_pack<VEC>(out + o_first + t * row, b_out);
+    } else {
+#pragma unroll 4
+      for (int64_t t = 0; t < t1 - t0; ++t) {
+        const Pack<scalar_t, VEC> b_src = load_pack<VEC>(src + o_first + t * row);
+        Pack<scalar_t, VEC> b_out;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const acc_t v = b_w[k] * static_cast<acc_t>(b_src.v[k]);
+          b_out.v[k] = static_cast<scalar_t>(MODE == SCALE_BWD ? v + b_a[k] : v);
+        }
+        store_pack<VEC>(out + o_first + t * row, b_out);
       }
-      store_pack<VEC>(out + o_first + t * row, b_out);
     }
   }
 }

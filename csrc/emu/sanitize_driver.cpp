@@ -18,6 +18,7 @@
 
 #include "../cuda/chunk_mean_kernels.cuh"
 #include "../cuda/chunk_route_launch.cuh"
+#include "../cuda/chunk_table_launch.cuh"
 
 namespace rk = routing_kernels;
 
@@ -67,6 +68,7 @@ struct Case {
   int64_t heads, dim, chunk_size;
   bool shared_query, misalign;
   int sms;
+  std::vector<std::vector<int32_t>> table;  // chunk sizes per sequence: the chunk-table kernels (lengths unused)
 };
 
 template <typename T>
@@ -86,19 +88,45 @@ void compare(const std::string& what, const T* got, const std::vector<double>& w
 template <typename T>
 void run_case(const Case& c) {
   using acc_t = rk::accum_t<T>;
-  const bool varlen = c.dense_b == 0;
-  std::vector<int32_t> cu{0};
-  int64_t longest = 0;
-  if (varlen) {
+  const bool varlen = c.dense_b == 0, is_table = !c.table.empty();
+  std::vector<int32_t> cu{0}, cu_chunks{0}, seq_chunks{0};
+  int64_t longest = 0, most_chunks = 0;
+  if (is_table) {
+    for (const auto& sizes : c.table) {
+      for (int32_t n : sizes) cu_chunks.push_back(cu_chunks.back() + n);
+      seq_chunks.push_back(static_cast<int32_t>(cu_chunks.size()) - 1);
+      cu.push_back(cu_chunks.back());
+      most_chunks = std::max<int64_t>(most_chunks, static_cast<int64_t>(sizes.size()));
+    }
+  } else if (varlen) {
     for (int32_t len : c.lengths) cu.push_back(cu.back() + len), longest = std::max<int64_t>(longest, len);
   } else {
     for (int64_t b = 0; b < c.dense_b; ++b) cu.push_back(static_cast<int32_t>(cu.back() + c.dense_n));
     longest = c.dense_n;
   }
   const int64_t S = static_cast<int64_t>(cu.size()) - 1, T_ = cu.back(), H = c.heads, D = c.dim, R = H * D;
-  const int64_t cs = c.chunk_size, M = rk::ceil_div(longest, cs);
-  rk::ChunkMeanShape sh{varlen, S, varlen ? 0 : c.dense_n, T_, H, D, M};
-  const rk::Geometry g = rk::geometry(sh, cs, longest);
+  const int64_t cs = c.chunk_size, M = is_table ? most_chunks : rk::ceil_div(longest, cs);
+  const rk::ChunkMeanShape sh = is_table ? rk::table_shape(S, T_, H, D, M)
+                                         : rk::ChunkMeanShape{varlen, S, varlen ? 0 : c.dense_n, T_, H, D, M};
+  const rk::Geometry g = is_table ? rk::table_geometry(sh) : rk::geometry(sh, cs, longest);
+  const int64_t K = static_cast<int64_t>(cu_chunks.size()) - 1;
+  const rk::TableChunks chunks{cu_chunks.data(), seq_chunks.data(), K, S, T_};
+  // chunk (s, m): tokens [first, first + count) (count 0: no such chunk)
+  std::vector<int64_t> first(S * M, 0), count(S * M, 0);
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t m = 0; m < M; ++m) {
+      if (is_table) {
+        if (m < seq_chunks[s + 1] - seq_chunks[s]) {
+          first[s * M + m] = cu_chunks[seq_chunks[s] + m];
+          count[s * M + m] = cu_chunks[seq_chunks[s] + m + 1] - first[s * M + m];
+        }
+      } else {
+        const int64_t t0 = cu[s] + m * cs, t1 = std::min<int64_t>(cu[s + 1], t0 + cs);
+        first[s * M + m] = t0;
+        count[s * M + m] = std::max<int64_t>(0, t1 - t0);
+      }
+    }
+  }
   const double scale = 0.3;
   const int64_t q_rows = c.shared_query ? 1 : S;
 
@@ -113,11 +141,9 @@ void run_case(const Case& c) {
   // float64 reference: means, weights, y, summary; then dw, ds, dx, dquery (per sequence)
   std::vector<double> mean(S * M * R, 0.0), w(S * H * M, 0.0), y(T_ * R), summary(S * R, 0.0);
   std::vector<double> dx(T_ * R), dq(S * R, 0.0);
-  std::vector<int64_t> count(S * M, 0);
   for (int64_t s = 0; s < S; ++s) {
     for (int64_t m = 0; m < M; ++m) {
-      const int64_t t0 = cu[s] + m * cs, t1 = std::min<int64_t>(cu[s + 1], t0 + cs);
-      count[s * M + m] = std::max<int64_t>(0, t1 - t0);
+      const int64_t t0 = first[s * M + m], t1 = t0 + count[s * M + m];
       for (int64_t t = t0; t < t1; ++t)
         for (int64_t e = 0; e < R; ++e) mean[(s * M + m) * R + e] += X(t, e / D, e % D) / (t1 - t0);
     }
@@ -148,7 +174,7 @@ void run_case(const Case& c) {
       double tot = 0;
       for (int64_t m = 0; m < M; ++m) {
         if (!count[s * M + m]) continue;
-        const int64_t t0 = cu[s] + m * cs;
+        const int64_t t0 = first[s * M + m];
         for (int64_t t = t0; t < t0 + count[s * M + m]; ++t)
           for (int64_t d = 0; d < D; ++d) dw[m] += static_cast<double>(dy.p[t * R + h * D + d]) * X(t, h, d);
         for (int64_t d = 0; d < D; ++d)
@@ -160,7 +186,7 @@ void run_case(const Case& c) {
         if (!count[s * M + m]) continue;
         const double wm = w_in[(s * H + h) * M + m];
         ds[m] = wm * (dw[m] - tot);
-        const int64_t t0 = cu[s] + m * cs;
+        const int64_t t0 = first[s * M + m];
         for (int64_t d = 0; d < D; ++d) {
           const int64_t e = h * D + d;
           const double qv = static_cast<double>(q.p[(c.shared_query ? 0 : s) * R + e]);
@@ -177,26 +203,51 @@ void run_case(const Case& c) {
 
   Buf<T> y_out(T_ * R, c.misalign), sum_out(S * R, false), dx_out(T_ * R, c.misalign), mean_out(S * M * R, false);
   Buf<acc_t> w_out(S * H * M, false), means(S * M * R, false), dw(S * H * M, false), dq_out(S * R, false);
-  for (auto* b : {&y_out, &sum_out, &dx_out, &mean_out}) b->poison();
-  for (auto* b : {&w_out, &means, &dw, &dq_out}) b->poison();
+  const int64_t P = is_table ? rk::table_part_rows(chunks) : 0;
+  Buf<acc_t> part_sum(P * R, false), part_dot(P * R, false), mean_acc(S * M * R, false);
+  Buf<T> grad_mean(S * M * R, c.misalign), dx_mean(T_ * R, c.misalign);
+  for (int64_t i = 0; i < S * M * R; ++i) grad_mean.p[i] = static_cast<T>(rnd());
+  std::vector<double> dx_mean_ref(T_ * R);
+  for (int64_t i = 0; i < S * M; ++i)
+    for (int64_t t = first[i]; t < first[i] + count[i]; ++t)
+      for (int64_t e = 0; e < R; ++e) dx_mean_ref[t * R + e] = static_cast<double>(grad_mean.p[i * R + e]) / count[i];
+  for (auto* b : {&y_out, &sum_out, &dx_out, &mean_out, &dx_mean}) b->poison();
+  for (auto* b : {&w_out, &means, &dw, &dq_out, &part_sum, &part_dot, &mean_acc}) b->poison();
   const std::string name = std::string(c.name) + "/" + name_of(T{});
   const int32_t* p_cu = varlen ? cu.data() : nullptr;
   try {
-    if (T_ > 0 && H > 0) {
+    if (T_ > 0 && H > 0 && is_table) {
+      rk::route_fwd_launch<T>(sh, g, c.sms, chunks, x.p, q.p, c.shared_query ? 0 : R, static_cast<acc_t>(scale),
+                              w_out.p, means.p, part_sum.p, sum_out.p, y_out.p, nullptr);
+      rk::route_bwd_launch<T>(sh, g, c.sms, chunks, x.p, dy.p, q.p, c.shared_query ? 0 : R, dsum.p, w_in.data(),
+                              dweights.data(), static_cast<acc_t>(scale), means.p, dw.p, part_sum.p, part_dot.p,
+                              dq_out.p, dx_out.p, nullptr);
+    } else if (T_ > 0 && H > 0) {
       rk::chunk_route_fwd_launch<T>(sh, g, c.sms, x.p, q.p, c.shared_query ? 0 : R, p_cu, static_cast<acc_t>(scale),
                                     w_out.p, means.p, sum_out.p, y_out.p, nullptr);
       rk::chunk_route_bwd_launch<T>(sh, g, c.sms, x.p, dy.p, q.p, c.shared_query ? 0 : R, dsum.p, w_in.data(),
                                     dweights.data(), p_cu, static_cast<acc_t>(scale), means.p, dw.p, dq_out.p,
                                     dx_out.p, nullptr);
+    }
+    if (T_ > 0 && H > 0) {
       compare(name + " y", y_out.p, y, tol_of(T{}));
       compare(name + " weights", w_out.p, w, tol_of(T{}));
       compare(name + " summary", sum_out.p, summary, tol_of(T{}));
       compare(name + " dx", dx_out.p, dx, tol_of(T{}));
       compare(name + " dquery", dq_out.p, dq, tol_of(T{}));
     }
-    if (S * M * R > 0) {
+    if (S * M * R > 0 && T_ > 0 && is_table) {
+      rk::chunk_mean_table_fwd_launch<T>(sh, g, c.sms, chunks, x.p, mean_acc.p, part_sum.p, nullptr);
+      compare(name + " chunk_mean_table", mean_acc.p, mean, tol_of(T{}));
+      rk::chunk_mean_table_bwd_launch<T>(sh, g, chunks, grad_mean.p, dx_mean.p, nullptr);
+      compare(name + " chunk_mean_table dx", dx_mean.p, dx_mean_ref, tol_of(T{}));
+    } else if (S * M * R > 0 && !is_table) {
       rk::chunk_mean_cuda::launch_chunk_mean<T>(sh, cs, x.p, p_cu, mean_out.p, nullptr);
       compare(name + " chunk_mean", mean_out.p, mean, tol_of(T{}));
+      if (T_ > 0) {
+        rk::chunk_mean_bwd_launch<T>(sh, g, grad_mean.p, p_cu, dx_mean.p, nullptr);
+        compare(name + " chunk_mean dx", dx_mean.p, dx_mean_ref, tol_of(T{}));
+      }
     }
   } catch (const std::exception& e) {
     fail(name + ": " + e.what());
@@ -263,12 +314,55 @@ void detector_tests() {
   }
 }
 
+// The chunk table's pieces (chunk_geometry.cuh): for each split, the K + ceil(T / split) pieces cover every token
+// exactly once, none is longer than split, each names its chunk's (sequence, local chunk), and the finish pass's
+// slots of chunk k (k, then K + j for j in [first_aligned, last_aligned)) are exactly its non-empty pieces.
+void table_piece_tests() {
+  const std::vector<std::vector<int32_t>> tables[] = {
+      {{3, 1, 1000, 2}, {}, {1, 7, 1}}, {{256, 256, 1}, {255, 2}}, {{1}}, {{}, {}}};
+  for (const auto& seqs : tables) {
+    std::vector<int32_t> cu{0}, seq{0};
+    for (const auto& sizes : seqs) {
+      for (int32_t n : sizes) cu.push_back(cu.back() + n);
+      seq.push_back(static_cast<int32_t>(cu.size()) - 1);
+    }
+    const int64_t K = static_cast<int64_t>(cu.size()) - 1, S = static_cast<int64_t>(seq.size()) - 1, T = cu.back();
+    const rk::TableChunks chunks{cu.data(), seq.data(), K, S, T};
+    const rk::Geometry g{};
+    for (int64_t split : {1, 4, 32, 256}) {
+      const std::string what = "table pieces K=" + std::to_string(K) + " split=" + std::to_string(split);
+      std::vector<int> covered(T, 0);
+      std::vector<std::vector<int64_t>> slots(K);
+      for (int64_t idx = 0; idx < chunks.num_pieces(split); ++idx) {
+        const rk::Piece p = chunks.piece(idx, split, 1, g);
+        if (p.t0 >= p.t1) continue;
+        const int64_t k = seq[p.i_s] + p.i_c;
+        if (p.t1 - p.t0 > split || p.span.first != cu[k] || p.span.count != cu[k + 1] - cu[k] || p.t1 > p.span.count ||
+            p.i_c >= seq[p.i_s + 1] - seq[p.i_s]) {
+          fail(what + ": bad piece " + std::to_string(idx));
+        }
+        for (int64_t t = p.span.first + p.t0; t < p.span.first + p.t1; ++t) ++covered[t];
+        slots[k].push_back(p.slot);
+      }
+      for (int64_t t = 0; t < T; ++t)
+        if (covered[t] != 1) fail(what + ": token " + std::to_string(t) + " covered " + std::to_string(covered[t]));
+      for (int64_t k = 0; k < K; ++k) {
+        std::vector<int64_t> want{k};
+        for (int64_t j = chunks.first_aligned(k, split); j < chunks.last_aligned(k, split); ++j) want.push_back(K + j);
+        if (slots[k] != want) fail(what + ": finish slots of chunk " + std::to_string(k));
+      }
+    }
+  }
+  std::printf("ok   table pieces\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   cuda_emu::options().threads = !(argc > 1 && std::strcmp(argv[1], "--fibers") == 0);
   std::printf("cuda_emu sanitize_driver: %s\n", cuda_emu::options().threads ? "threads" : "fibers");
   detector_tests();
+  table_piece_tests();
   // Small on purpose: with one OS thread per CUDA thread under a sanitizer, every block costs milliseconds.
   const std::vector<Case> cases = {
       {"dense_ragged_vec", {}, 2, 37, 2, 64, 8, true, false, 132},
@@ -277,6 +371,10 @@ int main(int argc, char** argv) {
       {"varlen_misaligned", {9, 0, 20}, 0, 0, 4, 16, 16, true, true, 132},
       {"varlen_long_chunk_1sm", {40, 3}, 0, 0, 1, 32, 64, true, false, 1},
       {"varlen_all_empty", {0, 0}, 0, 0, 2, 8, 2, true, false, 132},
+      // The chunk-table kernels: chunks of 1 to 600 tokens (600 spans three 256-token pieces of the reduce pass),
+      // an empty sequence, a one-token chunk; misaligned (scalar path) in its second dtype.
+      {"table_skewed", {}, 0, 0, 2, 16, 0, false, false, 132, {{3, 1, 600, 2}, {}, {1, 7, 1}}},
+      {"table_skewed_misaligned", {}, 0, 0, 2, 16, 0, true, true, 1, {{300, 1}, {2, 1, 2}}},
   };
   // Every case in fp32 and in one of fp64 / bf16 / fp16 in turn: the Python tests run the full dtype grid, the
   // sanitizers need each vector width and the scalar path, not every pairing (each pairing costs ~5 s here).
