@@ -101,9 +101,14 @@ def test_chunk_mean_fwd_beyond_2_31(x):
     assert torch.equal(ops.chunk_mean_fwd(x.view(B * N, H, D), CS, cu, N), want)
 
 
-def test_chunk_route_fwd_beyond_2_31(x):
+@pytest.mark.parametrize("table", [False, True], ids=["integer", "table"])
+def test_chunk_route_fwd_beyond_2_31(x, table):
     query = torch.full((H, D), 1 / 64, dtype=torch.float16)  # score = scale * <query, mean> = the chunk's value
-    y, weights, summary = ops.chunk_route_fwd(x, query, CS, None, 0, 1.0)
+    if table:  # the same chunks as a chunk table (dynamic chunking)
+        y, weights, summary = ops.chunk_route_table_fwd(x.view(B * N, H, D), query, *_table(), 1.0)
+        y = y.view(B, N, H, D)
+    else:
+        y, weights, summary = ops.chunk_route_fwd(x, query, CS, None, 0, 1.0)
     # weights: softmax over M chunk scores per (sequence, head), all 0 but the special chunks'. Their fp32
     # normalizer sums 8422 terms (~1e-4 relative error), so compare weights relative to a zero-score chunk's
     # (exp(v - top) * inv against exp(0 - top) * inv: a few fp32 roundings), and those of every zero-score chunk
