@@ -291,7 +291,8 @@ def triton_records(variants: dict, groups: dict, compile_fn, archs=(80, 86)) -> 
 # chunk_mean.cu MAX_THREADS, chunk_route_kernels.cuh REDUCE_THREADS / SOFTMAX_THREADS / SCALE_THREADS. A kernel
 # missing here is reported as a violation, so that this table follows the sources.
 CUDA_THREADS = {"chunk_mean_kernel": 256, "reduce_chunks_kernel": 256, "softmax_summary_kernel": 256,
-                "softmax_backward_kernel": 256, "scale_chunks_kernel": 256}
+                "softmax_backward_kernel": 256, "scale_chunks_kernel": 256,
+                "finish_table_chunks_kernel": 256}  # the reduce block (chunk_route_launch.cuh, chunk tables)
 # The template instances those launchers pick at the benchmark shapes (bf16, dense, 16-byte aligned rows: VEC = 8;
 # the softmax backward runs on the fp32 accumulators): the "default" CUDA variants, as the benchmark shapes'
 # variants are for Triton. The others (fp16/fp32/fp64, varlen, the scalar fallback) are reported, not failed on.
